@@ -1,0 +1,5 @@
+"""``python -m policy`` is the ``mailpolicy`` command."""
+
+from policy.cli import main
+
+raise SystemExit(main())

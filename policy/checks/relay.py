@@ -1,0 +1,79 @@
+"""Relay control: never an open relay (DESIGN.md guarantee 3).
+
+A recipient in a local domain, a rewrite domain, or a relay_to_domains domain (we are its
+secondary MX) is accepted from anyone. Any other domain only from an authenticated session, from
+loopback (the machine's own submissions), or from a relay_from_hosts address; everyone else gets
+550 5.7.1. When a list needed for the decision is unavailable, defer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from policy.addresses import split
+from policy.checks import Context, Result
+from policy.verdict import RELAY_DENIED, Verdict, defer
+
+NAME = "relay"
+
+
+def _loopback(ip: str) -> bool:
+    # Parsed, not prefix-matched: "127.example" is not an address, ::ffff:127.0.0.2 is loopback.
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def check(ctx: Context) -> Result:
+    _, domain = split(ctx.rcpt)
+    domain = domain.lower()
+    snapshot = ctx.snapshot
+    if snapshot.is_local_domain(domain):
+        return Result(note=f"{domain} is a local domain")
+    rewrite = snapshot.rewrite_domains
+    if not rewrite.available:
+        return Result(defer(NAME, rewrite.problem))
+    if rewrite.data and domain in rewrite.data:
+        return Result(
+            note=f"{domain} is a rewrite domain", source=rewrite.source(rewrite.data[domain][1])
+        )
+    relay_to = snapshot.relay_to_domains
+    if not relay_to.available:
+        return Result(defer(NAME, relay_to.problem))
+    assert relay_to.data is not None
+    hit = relay_to.data.lookup(domain)
+    if hit is not None:
+        ctx.relayed = True
+        return Result(note=f"{domain} is in relay_to_domains", source=relay_to.source(hit.line))
+    if ctx.auth:
+        ctx.relayed = True
+        return Result(note=f"relay for authenticated user {ctx.auth!r}")
+    if _loopback(ctx.ip):
+        ctx.relayed = True
+        return Result(note=f"relay from loopback {ctx.ip}")
+    hosts = snapshot.relay_from_hosts
+    if not hosts.available:
+        return Result(defer(NAME, hosts.problem))
+    assert hosts.data is not None
+    found = hosts.data.lookup(ctx.ip)
+    if found is not None and found[0]:
+        ctx.relayed = True
+        return Result(note=f"relay from {ctx.ip} (relay_from_hosts)", source=hosts.source(found[1]))
+    why = (
+        f"{ctx.ip} is excluded by relay_from_hosts"
+        if found is not None
+        else f"{ctx.ip or 'local'} is not authenticated and not in relay_from_hosts"
+    )
+    return Result(
+        Verdict(
+            RELAY_DENIED,
+            "relay not permitted",
+            NAME,
+            f"{domain}: {why}",
+            hosts.source(found[1]) if found else "",
+        )
+    )

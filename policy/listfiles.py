@@ -1,0 +1,127 @@
+"""Reading the admin's list files, in Exim's ``lsearch`` file format.
+
+Format (what an Exim admin already knows, spec chapter "Single-key lookup types"):
+
+* one entry per line: a key, terminated by a colon, white space or the end of the line, then the
+  data: the rest of the line after the colon and any white space (``info: alice, bob``);
+* a key may be written in double quotes to hold colons or spaces (``"a b": x``), with ``\\"``
+  and ``\\\\`` escapes inside;
+* a line that starts with white space continues the data of the entry above (joined with a
+  space), so long alias lists can be folded;
+* ``#`` starts a comment only at the start of a line; blank lines are ignored;
+* keys compare case-insensitively; with duplicate keys the first one wins (``mailpolicy check``
+  warns about the later ones).
+
+A parse error carries ``path:line``; the caller decides what a broken file means (the loader keeps
+the last good version in force).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    key: str  # as written, unquoted (not case-folded)
+    value: str
+    line: int
+
+
+class ListFileError(Exception):
+    """A problem at one line of one file; ``str()`` is ``path:line: message``."""
+
+    def __init__(self, path: str, line: int, message: str) -> None:
+        super().__init__(f"{path}:{line}: {message}")
+        self.path = path
+        self.line = line
+        self.message = message
+
+
+def parse_lsearch(text: str, path: str) -> list[Entry]:
+    """Parse an lsearch file into entries in file order. Raises ListFileError."""
+    entries: list[Entry] = []
+    key = ""
+    value_parts: list[str] = []
+    start = 0
+    for number, raw in enumerate(split_lines(text), 1):
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        if raw[0] in " \t":
+            if start == 0:
+                raise ListFileError(path, number, "continuation line with no entry above it")
+            value_parts.append(raw.strip())
+            continue
+        if start:
+            entries.append(Entry(key, " ".join(p for p in value_parts if p), start))
+        key, rest = split_key(raw, path, number)
+        value_parts = [rest]
+        start = number
+    if start:
+        entries.append(Entry(key, " ".join(p for p in value_parts if p), start))
+    return entries
+
+
+def parse_items(text: str, path: str) -> list[Entry]:
+    """Parse a file of list items, one per line, as Exim reads a file named in a host list:
+    ``#`` at the start of a line, or after white space, starts a comment. IPv6 items keep their
+    colons (an lsearch key would stop at the first one)."""
+    entries: list[Entry] = []
+    for number, raw in enumerate(split_lines(text), 1):
+        item = re.split(r"\s#", raw, maxsplit=1)[0].strip()
+        if item and not item.startswith("#"):
+            entries.append(Entry(item, "", number))
+    return entries
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines as Exim reads them: split at LF only (a CR before it is dropped). ``splitlines``
+    would also split at form feeds, U+2028 and the like, changing entries and line numbers."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def split_key(line: str, path: str, number: int) -> tuple[str, str]:
+    if line.startswith('"'):
+        chars: list[str] = []
+        i = 1
+        while i < len(line):
+            c = line[i]
+            if c == "\\" and i + 1 < len(line):
+                chars.append(line[i + 1])
+                i += 2
+                continue
+            if c == '"':
+                break
+            chars.append(c)
+            i += 1
+        else:
+            raise ListFileError(path, number, "unterminated quoted key")
+        key, rest = "".join(chars), line[i + 1 :]
+    else:
+        end = len(line)
+        for i, c in enumerate(line):
+            if c in ": \t":
+                end = i
+                break
+        key, rest = line[:end], line[end:]
+    rest = rest.lstrip(" \t")
+    if rest.startswith(":"):
+        rest = rest[1:]
+    if not key:
+        raise ListFileError(path, number, "empty key")
+    return key, rest.strip()
+
+
+def read_text(path: str) -> str:
+    """Read a list file as UTF-8 (raises OSError, or ListFileError naming the bad line)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ListFileError(path, line, "not valid UTF-8") from None

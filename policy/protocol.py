@@ -1,0 +1,184 @@
+"""The request/reply protocol between Exim (or any client) and the daemon. Sans-IO: bytes in,
+``Request`` out; ``Verdict`` in, bytes out. No sockets, no asyncio here.
+
+One request per connection, as Exim's ``${readsocket}`` does it: the client writes one line and
+shuts down its write side; the daemon writes one reply line and closes.
+
+Request line (at most ``MAX_LINE`` bytes including the LF; a trailing CR is ignored)::
+
+    VERB field=value field=value ...
+
+* VERB is one of ``VERBS``; fields are separated by spaces and may come in any order.
+* Values of the fields marked ``b64`` in ``FIELDS`` (everything an SMTP client controls: sender,
+  recipient, HELO name, login name, alias address) are standard base64, as Exim's ``${base64:}``
+  writes them; the empty string encodes the empty value. ``ip`` is plain text (IPv4 or IPv6, or
+  empty for locally submitted mail).
+* Decoded values are UTF-8; bytes that are not valid UTF-8 are kept (surrogateescape) so that a
+  hostile address is judged, never crashes the parser.
+
+Reply line (one line, LF-terminated, never a CR or LF inside, at most ``MAX_REPLY`` bytes)::
+
+    ACCEPT <code> <enhanced> <text>     e.g. ACCEPT 250 2.1.5 recipient ok
+    DEFER  <code> <enhanced> <text>     e.g. DEFER 451 4.3.0 temporary local problem
+    DENY   <code> <enhanced> <text>     e.g. DENY 550 5.1.1 <bob@example.org>: no such user
+    FOUND <data>                        lookup verbs: the data (ALIAS: comma-separated addresses)
+    NOTFOUND                            lookup verbs: no such key
+    PONG <version>                      PING
+
+Anything wrong with a request (unknown verb, unknown, missing or duplicate field, bad base64, a
+NUL or other control character, a line over ``MAX_LINE``) gets a ``DEFER 451 4.5.0`` reply that
+names the problem: our trouble or a misconfigured Exim must never bounce mail.
+See docs/protocol.md for the Exim side.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from dataclasses import dataclass
+
+from policy.verdict import TEMP_PROTOCOL, Verdict
+
+# 4096 bytes: an RFC 5321 path is at most 256 octets (344 in base64), a HELO name 255; a RCPT
+# request with every field at its maximum is under 1.5 KB. Anything longer is not from our Exim.
+MAX_LINE = 4096
+# Replies carry at most this many bytes; an ALIAS expansion is bounded by the fan-out limit.
+MAX_REPLY = 65536
+# Public text in a verdict reply (it ends up in an SMTP response line).
+MAX_TEXT = 400
+
+# Field name -> True when the value is base64-encoded.
+FIELDS: dict[str, bool] = {
+    "ip": False,
+    "helo": True,
+    "sender": True,
+    "rcpt": True,
+    "auth": True,
+    "addr": True,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class VerbSpec:
+    required: frozenset[str]
+    optional: frozenset[str] = frozenset()
+
+
+VERBS: dict[str, VerbSpec] = {
+    "PING": VerbSpec(frozenset()),
+    # MAIL FROM stage: ip of the client, envelope sender ("" for <>), optional HELO and login.
+    "MAIL": VerbSpec(frozenset({"ip", "sender"}), frozenset({"helo", "auth"})),
+    # RCPT TO stage: as MAIL plus the recipient.
+    "RCPT": VerbSpec(frozenset({"ip", "sender", "rcpt"}), frozenset({"helo", "auth"})),
+    # Router lookup: where does this address go? (alias expansion, rewrite domains)
+    "ALIAS": VerbSpec(frozenset({"addr"})),
+}
+
+_PLAIN_VALUE = re.compile(rb"[0-9A-Za-z.:_%-]*")
+_BAD_BYTE = re.compile(rb"[^\x20-\x7e]")
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+class ProtocolError(Exception):
+    """A request the daemon cannot take; the message names the problem (it is sent back)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    verb: str
+    fields: dict[str, str]
+
+    def get(self, name: str) -> str:
+        return self.fields.get(name, "")
+
+
+def parse(line: bytes) -> Request:
+    """Parse one request line (with or without its LF). Raises ProtocolError."""
+    if len(line) > MAX_LINE:
+        raise ProtocolError(f"request line longer than {MAX_LINE} bytes")
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if b"\0" in line:
+        raise ProtocolError("NUL byte in request")
+    bad = _BAD_BYTE.search(line)
+    if bad:
+        raise ProtocolError(f"control or non-ASCII byte 0x{bad.group()[0]:02x} in request")
+    parts = line.split()
+    if not parts:
+        raise ProtocolError("empty request")
+    verb = parts[0].decode("ascii")
+    spec = VERBS.get(verb)
+    if spec is None:
+        raise ProtocolError(f"unknown verb {_printable(verb)!r}")
+    fields: dict[str, str] = {}
+    for part in parts[1:]:
+        name_b, eq, raw = part.partition(b"=")
+        name = name_b.decode("ascii")
+        if not eq:
+            raise ProtocolError(f"field {_printable(name)!r} has no '='")
+        if name not in spec.required and name not in spec.optional:
+            raise ProtocolError(f"unknown field {_printable(name)!r} for {verb}")
+        if name in fields:
+            raise ProtocolError(f"duplicate field {name!r}")
+        if FIELDS[name]:
+            try:
+                value = binascii.a2b_base64(raw, strict_mode=True)
+            except (binascii.Error, ValueError):
+                raise ProtocolError(f"field {name!r} is not valid base64") from None
+            if b"\0" in value:
+                raise ProtocolError(f"NUL byte in field {name!r}")
+            fields[name] = value.decode("utf-8", "surrogateescape")
+        else:
+            if not _PLAIN_VALUE.fullmatch(raw):
+                raise ProtocolError(f"field {name!r} has characters not allowed in it")
+            fields[name] = raw.decode("ascii")
+    if len(fields) < len(spec.required) + len(spec.optional):
+        missing = spec.required - fields.keys()
+        if missing:
+            raise ProtocolError(f"missing field {sorted(missing)[0]!r} for {verb}")
+    return Request(verb, fields)
+
+
+def _printable(text: str, limit: int = MAX_TEXT) -> str:
+    """Make text safe for a reply line: printable ASCII only, bounded."""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return _UNPRINTABLE.sub("?", text)
+
+
+def render_verdict(verdict: Verdict) -> bytes:
+    s = verdict.status
+    text = _printable(verdict.text) or "-"
+    return f"{s.action.value} {s.code} {s.enhanced} {text}\n".encode("ascii")
+
+
+def render_error(error: ProtocolError) -> bytes:
+    """A bad request: defer, naming the problem."""
+    text = _printable(f"bad policy request: {error}")
+    return f"DEFER {TEMP_PROTOCOL.code} {TEMP_PROTOCOL.enhanced} {text}\n".encode("ascii")
+
+
+def render_found(data: str) -> bytes:
+    line = f"FOUND {_printable(data, MAX_REPLY - 7)}\n"
+    return line.encode("ascii")
+
+
+NOTFOUND = b"NOTFOUND\n"
+
+
+def render_pong(version: str) -> bytes:
+    return f"PONG {_printable(version)}\n".encode("ascii")
+
+
+def encode_request(verb: str, **fields: str) -> bytes:
+    """Build a request line the way Exim's expansions do (for clients, tests and the CLI)."""
+    parts = [verb]
+    for name, value in fields.items():
+        if FIELDS.get(name, True):
+            value = binascii.b2a_base64(
+                value.encode("utf-8", "surrogateescape"), newline=False
+            ).decode("ascii")
+        parts.append(f"{name}={value}")
+    return (" ".join(parts) + "\n").encode("ascii")

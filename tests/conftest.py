@@ -1,0 +1,143 @@
+"""Shared fixtures.
+
+* ``tree``: a private copy of the bundled example tree (examples/srv-mail) to edit freely.
+* ``make_tree``: build a tree from ``{relative path: text}``.
+* ``short_dir``: a short directory under /tmp for Unix sockets (AF_UNIX paths max 107 bytes,
+  and pytest's tmp_path is long).
+* ``start_daemon``: start ``python -m policy serve`` as a real subprocess on a socket in
+  ``short_dir``, wait until it answers PING, stop it (SIGTERM) at teardown.
+* ``request``-free client helper ``ask(socket, line) -> reply``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "examples" / "srv-mail"
+PRIMARY_HOSTNAME = "mail.example.org"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "srv-mail"
+    shutil.copytree(EXAMPLE, root)
+    return root
+
+
+@pytest.fixture
+def make_tree(tmp_path: Path) -> Callable[[dict[str, str]], Path]:
+    def make(files: dict[str, str]) -> Path:
+        root = tmp_path / "tree"
+        for rel, text in files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        root.mkdir(exist_ok=True)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    d = tempfile.mkdtemp(prefix="mp.", dir="/tmp")
+    os.chmod(d, 0o755)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ask(sock_path: str | os.PathLike[str], line: bytes, timeout: float = 10.0) -> bytes:
+    """One request the way Exim's ${readsocket} sends it: write, shut down, read to EOF."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(os.fspath(sock_path))
+        s.sendall(line)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    log: Path
+    root: Path
+
+    def ask(self, line: bytes, timeout: float = 10.0) -> bytes:
+        return ask(self.socket, line, timeout)
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise
+        return self.proc.returncode
+
+
+def wait_for_ping(sock_path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        try:
+            if ask(sock_path, b"PING\n", 1.0).startswith(b"PONG"):
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError("daemon did not answer PING in time")
+
+
+@pytest.fixture
+def start_daemon(short_dir: Path) -> Iterator[Callable[..., Daemon]]:
+    started: list[Daemon] = []
+
+    def start(root: Path, *extra: str, config: dict[str, object] | None = None,
+              name: str = "p.sock", **popen: object) -> Daemon:
+        sock = short_dir / name
+        log = short_dir / f"{name}.log"
+        args = [sys.executable, "-m", "policy", "serve", "--root", str(root), "--socket",
+                str(sock), "--log-file", str(log), "--primary-hostname", PRIMARY_HOSTNAME]
+        if config is not None:
+            cfg = short_dir / f"{name}.toml"
+            cfg.write_text("".join(
+                f"{k} = {v!r}\n" if not isinstance(v, str) else f'{k} = "{v}"\n'
+                for k, v in config.items()))
+            args += ["--config", str(cfg)]
+        proc = subprocess.Popen([*args, *extra], cwd=REPO, **popen)  # type: ignore[call-overload]
+        d = Daemon(proc, sock, log, root)
+        started.append(d)
+        wait_for_ping(sock, proc)
+        return d
+
+    yield start
+    for d in started:
+        try:
+            d.stop(timeout=10)
+        except Exception:
+            pass
