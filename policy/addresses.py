@@ -21,14 +21,14 @@ _RESTRICTED_REMOTE = re.compile(r"^[./|]|[@%!]|/\.\./")
 
 # A domain: dot-separated labels of letters, digits, hyphens and underscores (plus 8-bit for
 # IDNs as UTF-8), or an address literal [1.2.3.4] / [IPv6:...]. Length limits per RFC 1035.
-_LABEL = r"(?:[A-Za-z0-9_\u0080-\U0010ffff](?:[A-Za-z0-9_\u0080-\U0010ffff-]{0,61}"
-_LABEL += r"[A-Za-z0-9_\u0080-\U0010ffff])?)"
+_CHAR = r"A-Za-z0-9_\u00a0-\ud7ff\ue000-\U0010ffff"  # no controls, no lone surrogates
+_LABEL = rf"(?:[{_CHAR}](?:[{_CHAR}-]{{0,61}}[{_CHAR}])?)"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _LITERAL = re.compile(r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]")
 
 # Alias destinations end up, unescaped and untainted, in an Exim redirect router's data: only a
 # plain address may pass (no pipes, files, :include:, :fail:, quotes, commas or spaces).
-_SAFE_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$&'*+=?^_`{}~.\-\u0080-\U0010ffff]{1,64}")
+_SAFE_LOCAL_PART = re.compile(r"[A-Za-z0-9!#$&'*+=?^_`{}~.\-\u00a0-\ud7ff\ue000-\U0010ffff]{1,64}")
 
 
 def split(address: str) -> tuple[str, str]:

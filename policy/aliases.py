@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
-from policy.addresses import split, strip_suffix
-from policy.mailtree import Alias, Snapshot
+from policy.addresses import safe_destination, split, strip_suffix
+from policy.mailtree import Alias, Loaded, Snapshot
 
 
 class Kind(enum.Enum):
@@ -45,9 +46,15 @@ class Kind(enum.Enum):
 class Target:
     kind: Kind
     address: str  # after rewriting, lower-cased domain
-    source: str = ""  # file:line that decided
+    where: Loaded[Any] | None = None  # the file that decided ...
+    line: int = 0  # ... and its line
     alias: Alias | None = None
     note: str = ""  # how it was decided (for explain and the log)
+
+    @property
+    def source(self) -> str:
+        """``file:line`` that decided, or "" (built only when someone asks: not per request)."""
+        return self.where.source(self.line) if self.where is not None else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,47 +84,60 @@ def rewrite(snapshot: Snapshot, address: str) -> tuple[str, str]:
 
 
 def classify(snapshot: Snapshot, address: str) -> Target:
-    rewritten = snapshot.rewrite_domains
-    if not rewritten.available:
-        return Target(Kind.UNAVAILABLE, address, note=rewritten.problem)
-    address, rewrite_source = rewrite(snapshot, address)
-    note = f"rewritten to {address}" if rewrite_source else ""
     local, domain = split(address)
+    return classify_parts(snapshot, local, domain.lower())
+
+
+def classify_parts(snapshot: Snapshot, local: str, domain: str) -> Target:
+    """``classify`` for an address already split, with its domain lower-cased (the hot path)."""
+    rewrites = snapshot.rewrite_domains
+    table = rewrites.data
+    if table is None:
+        return Target(Kind.UNAVAILABLE, f"{local}@{domain}", note=rewrites.problem)
+    note = ""
+    rewrite_line = 0
+    if table:
+        hit = table.get(domain)
+        if hit is not None:
+            domain, rewrite_line = hit
+            note = f"rewritten to {local}@{domain}"
+    address = f"{local}@{domain}"
     if not snapshot.is_local_domain(domain):
-        return Target(Kind.REMOTE, address, rewrite_source, note=note or "not a local domain")
+        if rewrite_line:
+            return Target(Kind.REMOTE, address, rewrites, rewrite_line, note=note)
+        return Target(Kind.REMOTE, address, note="not a local domain")
     passwd = snapshot.users.get(domain)
     aliases = snapshot.aliases.get(domain)
     global_aliases = snapshot.global_aliases
     for loaded in (passwd, aliases, global_aliases):
-        if loaded is not None and not loaded.available:
+        if loaded is not None and loaded.data is None:
             return Target(Kind.UNAVAILABLE, address, note=loaded.problem)
     users = passwd.data if passwd is not None else None
     domain_aliases = aliases.data if aliases is not None else None
+    globals_ = global_aliases.data
     lower = local.lower()
     base = strip_suffix(lower)
     for lp in (lower, base) if base else (lower,):
         if domain_aliases:
             alias = domain_aliases.get(lp)
             if alias is not None:
-                assert aliases is not None
-                return Target(Kind.ALIAS, address, aliases.source(alias.line), alias, note)
-        if global_aliases.data:
-            alias = global_aliases.data.get(lp)
+                return Target(Kind.ALIAS, address, aliases, alias.line, alias, note)
+        if globals_:
+            alias = globals_.get(lp)
             if alias is not None:
-                return Target(Kind.ALIAS, address, global_aliases.source(alias.line), alias, note)
+                return Target(Kind.ALIAS, address, global_aliases, alias.line, alias, note)
         if users:
             user = users.get(lp)
             if user is not None:
-                assert passwd is not None
-                return Target(Kind.USER, address, passwd.source(user.line), note=note)
+                return Target(Kind.USER, address, passwd, user.line, note=note)
     if domain_aliases:
         alias = domain_aliases.get("*")
         if alias is not None:
-            assert aliases is not None
             return Target(
                 Kind.ALIAS,
                 address,
-                aliases.source(alias.line),
+                aliases,
+                alias.line,
                 alias,
                 (note + "; " if note else "") + "catch-all",
             )
@@ -150,10 +170,22 @@ def resolve(snapshot: Snapshot, address: str, limits: Limits = Limits()) -> list
         # Only rewritten (rewrite_domains): redirect to the new address. A mere change of case
         # in the domain is not a rewrite: the router declines.
         if rewrite(snapshot, address)[1] and first.address.lower() != address.lower():
+            # The local part comes from the SMTP client and goes into Exim's redirect data
+            # untainted: only a plain address may pass (no commas, pipes, quotes ...).
+            if not safe_destination(first.address):
+                raise ResolveError(f"rewritten address {first.address!r} is not a plain address")
             return [first.address]
         return None
+    return expand(snapshot, first, limits)
+
+
+def expand(snapshot: Snapshot, first: Target, limits: Limits) -> list[str]:
+    """Final destinations of an alias ``Target`` (from ``classify``). Raises ResolveError."""
     out: dict[str, None] = {}  # ordered set
-    _expand(snapshot, first, (first.address.lower(),), 1, limits, out, set())
+    # Every lookup counts against a budget: with repeated targets, the work (not the result)
+    # grows exponentially with the depth.
+    budget = [limits.max_targets * limits.max_depth]
+    _expand(snapshot, first, (first.address.lower(),), 1, limits, out, budget)
     return list(out)
 
 
@@ -164,7 +196,7 @@ def _expand(
     depth: int,
     limits: Limits,
     out: dict[str, None],
-    done: set[str],
+    budget: list[int],
 ) -> None:
     assert target.alias is not None
     if depth > limits.max_depth:
@@ -173,6 +205,12 @@ def _expand(
         )
     _, domain = split(target.address)
     for raw in target.alias.targets:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ResolveError(
+                f"alias {chain[0]} needs more than {limits.max_targets * limits.max_depth} "
+                "lookups to expand"
+            )
         child = classify(snapshot, _qualify(raw, domain))
         key = child.address.lower()
         if child.kind is Kind.UNAVAILABLE:
@@ -184,14 +222,10 @@ def _expand(
             path = " -> ".join((*chain, key))
             raise ResolveError(f"alias loop {path} ({target.source})", loop=True)
         if child.kind is Kind.ALIAS:
-            # An alias reached again by another path (not a loop) is already in ``out``:
-            # expanding it again would only repeat the work, exponentially in the depth.
-            if key not in done:
-                _expand(snapshot, child, (*chain, key), depth + 1, limits, out, done)
+            _expand(snapshot, child, (*chain, key), depth + 1, limits, out, budget)
         else:
             out.setdefault(child.address, None)
         if len(out) > limits.max_targets:
             raise ResolveError(
                 f"alias {chain[0]} expands to more than {limits.max_targets} addresses"
             )
-    done.add(chain[-1])

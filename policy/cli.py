@@ -44,6 +44,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from policy.daemon import DaemonError, run
 
     settings = _settings(args)
+    # fix: a missing root (not mounted yet, a typo) made every local domain remote, so the
+    # daemon answered 550 5.7.1 (a bounce) for all local mail; refuse to start instead.
+    if not os.path.isdir(settings.root):
+        print(f"mailpolicy serve: {settings.root}: no such directory", file=sys.stderr)
+        return 2
     try:
         run(settings)
     except DaemonError as e:

@@ -14,7 +14,8 @@ Life cycle:
   ``DEFER 451 4.3.0`` (checked by a sweep every ``request_deadline / 8`` s, capped at 0.25 s).
   The list files are checked for edits every ``reload_interval`` seconds in a worker thread.
 * SIGHUP: re-read every file now and reopen the log file. SIGTERM/SIGINT: stop accepting,
-  let connections in progress finish (at most ``drain_timeout`` s), remove the socket, exit 0.
+  let connections in progress finish (at most ``drain_timeout`` s; a request still unfinished
+  then gets ``DEFER 451 4.3.2``, never an empty reply), remove the socket, exit 0.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ _OVERLOAD = (
     f"DEFER {TEMP_OVERLOAD.code} {TEMP_OVERLOAD.enhanced} policy daemon overloaded\n".encode()
 )
 _TIMEOUT = f"DEFER {TEMP_LOCAL.code} {TEMP_LOCAL.enhanced} policy request timed out\n".encode()
+_SHUTDOWN = (
+    f"DEFER {TEMP_OVERLOAD.code} {TEMP_OVERLOAD.enhanced} policy daemon shutting down\n".encode()
+)
 _INTERNAL = f"DEFER {TEMP_LOCAL.code} {TEMP_LOCAL.enhanced} policy daemon internal error\n".encode()
 
 
@@ -213,10 +217,10 @@ class Connection(asyncio.Protocol):
         if record is not None:
             d.log.decision(record)
 
-    def expire(self) -> None:
+    def expire(self, reply: bytes = _TIMEOUT, reason: str = "request deadline passed") -> None:
         if not self.done and self.transport is not None:
             self.done = True
-            self.transport.write(_TIMEOUT)
+            self.transport.write(reply)
             self.transport.close()
             self.daemon.log.decision(
                 (
@@ -226,7 +230,7 @@ class Connection(asyncio.Protocol):
                     "",
                     "DEFER",
                     "daemon",
-                    "request deadline passed",
+                    reason,
                     "",
                     time.monotonic_ns() - self.started,
                 )
@@ -334,6 +338,14 @@ class Daemon:
             deadline = loop.time() + self.settings.drain_timeout
             while self.connections and loop.time() < deadline:
                 await asyncio.sleep(0.02)
+            # Fix: requests still unfinished used to be dropped with an empty reply (which
+            # Exim does not treat as a failure). Defer them, and let the replies go out.
+            unfinished = sum(not c.done for c in self.connections)
+            for conn in list(self.connections):
+                conn.expire(_SHUTDOWN, "shutting down: drain_timeout passed")
+            deadline = loop.time() + 0.5
+            while self.connections and loop.time() < deadline:
+                await asyncio.sleep(0.01)
             for task in tasks:
                 task.cancel()
             for t in tasks:
@@ -342,7 +354,7 @@ class Daemon:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self.unbind()
-            self.log.event(f"stopped; {len(self.connections)} connections left unanswered")
+            self.log.event(f"stopped; {unfinished} unfinished requests deferred at shutdown")
             self.log.close()
 
     def stop(self) -> None:

@@ -93,6 +93,8 @@ class Snapshot:
     lists: dict[str, Loaded[Any]] = field(default_factory=dict)
 
     def is_local_domain(self, domain: str) -> bool:
+        if not domain:  # no domain is not "the primary hostname" when none is configured
+            return False
         return domain in self.users or domain in self.aliases or domain == self.primary_hostname
 
     @property
@@ -306,7 +308,11 @@ class TreeLoader:
             loaded: Loaded[Any] = Loaded(rel, empty())
         else:
             try:
-                loaded = Loaded(rel, parser(read_text(path), rel))
+                try:
+                    text = read_text(path)
+                except ListFileError as e:  # named by the absolute path: name it as the others
+                    raise ListFileError(rel, e.line, e.message) from None
+                loaded = Loaded(rel, parser(text, rel))
             except ListFileError as e:
                 if previous is not None and previous.data is not None:
                     loaded = Loaded(rel, previous.data, f"{e} (keeping the last good version)")

@@ -16,7 +16,8 @@ Request line (at most ``MAX_LINE`` bytes including the LF; a trailing CR is igno
 * Decoded values are UTF-8; bytes that are not valid UTF-8 are kept (surrogateescape) so that a
   hostile address is judged, never crashes the parser.
 
-Reply line (one line, LF-terminated, never a CR or LF inside, at most ``MAX_REPLY`` bytes)::
+Reply line (one line, LF-terminated, never a CR, LF or control character inside, at most
+``MAX_REPLY`` bytes; verdicts are ASCII, FOUND data UTF-8)::
 
     ACCEPT <code> <enhanced> <text>     e.g. ACCEPT 250 2.1.5 recipient ok
     DEFER  <code> <enhanced> <text>     e.g. DEFER 451 4.3.0 temporary local problem
@@ -75,8 +76,18 @@ VERBS: dict[str, VerbSpec] = {
 }
 
 _PLAIN_VALUE = re.compile(rb"[0-9A-Za-z.:_%-]*")
-_BAD_BYTE = re.compile(rb"[^\x20-\x7e]")
+_PRINTABLE_BYTES = bytes(range(0x20, 0x7F))
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+_UNPRINTABLE_UTF8 = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+# Per verb: field name as bytes -> (name, base64?). Built once; the parser does no decoding
+# or set arithmetic for names.
+_ALLOWED: dict[bytes, dict[bytes, tuple[str, bool]]] = {
+    verb.encode(): {
+        name.encode(): (name, FIELDS[name]) for name in (*spec.required, *spec.optional)
+    }
+    for verb, spec in VERBS.items()
+}
 
 
 class ProtocolError(Exception):
@@ -100,29 +111,34 @@ def parse(line: bytes) -> Request:
         line = line[:-1]
     if line.endswith(b"\r"):
         line = line[:-1]
-    if b"\0" in line:
-        raise ProtocolError("NUL byte in request")
-    bad = _BAD_BYTE.search(line)
+    bad = line.translate(None, _PRINTABLE_BYTES)  # what is left is not printable ASCII
     if bad:
-        raise ProtocolError(f"control or non-ASCII byte 0x{bad.group()[0]:02x} in request")
-    parts = line.split()
+        if b"\0" in bad:
+            raise ProtocolError("NUL byte in request")
+        raise ProtocolError(f"control or non-ASCII byte 0x{bad[0]:02x} in request")
+    parts = line.split()  # only spaces are left to split on
     if not parts:
         raise ProtocolError("empty request")
-    verb = parts[0].decode("ascii")
-    spec = VERBS.get(verb)
-    if spec is None:
-        raise ProtocolError(f"unknown verb {_printable(verb)!r}")
+    verb_b = parts[0]
+    allowed = _ALLOWED.get(verb_b)
+    if allowed is None:
+        raise ProtocolError(f"unknown verb {_printable(verb_b.decode('ascii'))!r}")
+    verb = verb_b.decode("ascii")
     fields: dict[str, str] = {}
     for part in parts[1:]:
         name_b, eq, raw = part.partition(b"=")
-        name = name_b.decode("ascii")
+        known = allowed.get(name_b)
+        if known is None:
+            name = _printable(name_b.decode("ascii"))
+            if not eq:
+                raise ProtocolError(f"field {name!r} has no '='")
+            raise ProtocolError(f"unknown field {name!r} for {verb}")
+        name, is_b64 = known
         if not eq:
-            raise ProtocolError(f"field {_printable(name)!r} has no '='")
-        if name not in spec.required and name not in spec.optional:
-            raise ProtocolError(f"unknown field {_printable(name)!r} for {verb}")
+            raise ProtocolError(f"field {name!r} has no '='")
         if name in fields:
             raise ProtocolError(f"duplicate field {name!r}")
-        if FIELDS[name]:
+        if is_b64:
             try:
                 value = binascii.a2b_base64(raw, strict_mode=True)
             except (binascii.Error, ValueError):
@@ -134,8 +150,8 @@ def parse(line: bytes) -> Request:
             if not _PLAIN_VALUE.fullmatch(raw):
                 raise ProtocolError(f"field {name!r} has characters not allowed in it")
             fields[name] = raw.decode("ascii")
-    if len(fields) < len(spec.required) + len(spec.optional):
-        missing = spec.required - fields.keys()
+    if len(fields) < len(allowed):  # some field absent: is it a required one?
+        missing = VERBS[verb].required - fields.keys()
         if missing:
             raise ProtocolError(f"missing field {sorted(missing)[0]!r} for {verb}")
     return Request(verb, fields)
@@ -145,13 +161,13 @@ def _printable(text: str, limit: int = MAX_TEXT) -> str:
     """Make text safe for a reply line: printable ASCII only, bounded."""
     if len(text) > limit:
         text = text[: limit - 3] + "..."
+    if text.isascii() and text.isprintable():  # the common case, without a regex
+        return text
     return _UNPRINTABLE.sub("?", text)
 
 
 def render_verdict(verdict: Verdict) -> bytes:
-    s = verdict.status
-    text = _printable(verdict.text) or "-"
-    return f"{s.action.value} {s.code} {s.enhanced} {text}\n".encode("ascii")
+    return (verdict.status.prefix + (_printable(verdict.text) or "-") + "\n").encode("ascii")
 
 
 def render_error(error: ProtocolError) -> bytes:
@@ -161,8 +177,13 @@ def render_error(error: ProtocolError) -> bytes:
 
 
 def render_found(data: str) -> bytes:
-    line = f"FOUND {_printable(data, MAX_REPLY - 7)}\n"
-    return line.encode("ascii")
+    """Lookup data. UTF-8, so that an internationalised alias destination reaches Exim intact;
+    never a control character, CR or LF. Data too long for a reply is the caller's error (it
+    must defer rather than send a cut list)."""
+    line = ("FOUND " + _UNPRINTABLE_UTF8.sub("?", data) + "\n").encode("utf-8")
+    if len(line) > MAX_REPLY:
+        raise ValueError(f"lookup data longer than {MAX_REPLY} bytes")
+    return line
 
 
 NOTFOUND = b"NOTFOUND\n"

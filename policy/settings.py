@@ -20,6 +20,7 @@ import dataclasses
 import os
 import socket as _socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -82,12 +83,16 @@ def load(path: str | None, overrides: dict[str, Any] | None = None) -> Settings:
             raise SettingsError(f"{path}: cannot read: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"{path}: {e}") from None
+    # Which source each value came from, so errors name the right one (fix: a bad --socket-mode
+    # was blamed on the config file).
+    origin = dict.fromkeys(values, path or "command line")
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
+            origin[key] = "command line"
     known = {f.name: f for f in fields(Settings)}
-    where = path or "command line"
     for key, value in values.items():
+        where = origin[key]
         if key not in known:
             raise SettingsError(f"{where}: unknown setting {key!r}")
         default = getattr(Settings, key)
@@ -101,25 +106,27 @@ def load(path: str | None, overrides: dict[str, Any] | None = None) -> Settings:
                 f"{where}: setting {key!r} must be {expected.__name__}, not {type(value).__name__}"
             )
     settings = Settings(**values)
-    _validate(settings, where)
+    _validate(settings, lambda key: origin.get(key, "default"))
     return settings
 
 
-def _validate(s: Settings, where: str) -> None:
+def _validate(s: Settings, where: Callable[[str], str]) -> None:
     try:
         mode = s.socket_mode_int
     except ValueError:
-        raise SettingsError(f"{where}: socket_mode {s.socket_mode!r} is not octal") from None
+        raise SettingsError(
+            f"{where('socket_mode')}: socket_mode {s.socket_mode!r} is not octal"
+        ) from None
     if mode & ~0o777:
-        raise SettingsError(f"{where}: socket_mode {s.socket_mode!r} out of range")
+        raise SettingsError(f"{where('socket_mode')}: socket_mode {s.socket_mode!r} out of range")
     for name in ("request_deadline", "reload_interval", "drain_timeout"):
         if getattr(s, name) <= 0:
-            raise SettingsError(f"{where}: {name} must be positive")
+            raise SettingsError(f"{where(name)}: {name} must be positive")
     for name in ("max_connections", "backlog", "alias_max_depth", "alias_max_targets"):
         if getattr(s, name) < 1:
-            raise SettingsError(f"{where}: {name} must be at least 1")
+            raise SettingsError(f"{where(name)}: {name} must be at least 1")
     if len(s.socket.encode()) > 107:
-        raise SettingsError(f"{where}: socket path longer than 107 bytes (AF_UNIX limit)")
+        raise SettingsError(f"{where('socket')}: socket path longer than 107 bytes (AF_UNIX limit)")
 
 
 def show(s: Settings) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _DETAIL = re.compile(r"(?:0|[1-9][0-9]{0,2})\.(?:0|[1-9][0-9]{0,2})", re.ASCII)
 
@@ -29,6 +29,10 @@ class Status:
 
     code: int
     detail: str  # e.g. "1.1" for 5.1.1; the class digit comes from ``code``
+    # Derived once here, not per reply (the hot path renders "<ACTION> <code> <enhanced> ").
+    enhanced: str = field(init=False, compare=False, repr=False)
+    action: Action = field(init=False, compare=False, repr=False)
+    prefix: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if (
@@ -40,14 +44,11 @@ class Status:
         # RFC 3463: subject and detail are 1-3 digits each, without leading zeros.
         if not isinstance(self.detail, str) or not _DETAIL.fullmatch(self.detail):
             raise ValueError(f"not an enhanced status subject.detail: {self.detail!r}")
-
-    @property
-    def enhanced(self) -> str:
-        return f"{self.code // 100}.{self.detail}"
-
-    @property
-    def action(self) -> Action:
-        return {2: Action.ACCEPT, 4: Action.DEFER, 5: Action.DENY}[self.code // 100]
+        enhanced = f"{self.code // 100}.{self.detail}"
+        action = {2: Action.ACCEPT, 4: Action.DEFER, 5: Action.DENY}[self.code // 100]
+        object.__setattr__(self, "enhanced", enhanced)
+        object.__setattr__(self, "action", action)
+        object.__setattr__(self, "prefix", f"{action.value} {self.code} {enhanced} ")
 
 
 # The statuses the daemon uses, named for what they mean (RFC 3463 / RFC 5248 codes).

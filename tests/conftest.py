@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -137,7 +138,5 @@ def start_daemon(short_dir: Path) -> Iterator[Callable[..., Daemon]]:
 
     yield start
     for d in started:
-        try:
+        with contextlib.suppress(Exception):
             d.stop(timeout=10)
-        except Exception:
-            pass

@@ -12,7 +12,7 @@ To add a check: write ``policy/checks/<name>.py`` with ``NAME`` and ``check``, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from policy.aliases import Limits, Target
 from policy.mailtree import Snapshot
@@ -34,6 +34,14 @@ class Context:
     limits: Limits
     target: Target | None = None
     relayed: bool = False
+    # The recipient split once at the last "@", domain lower-cased (every check needs them).
+    rcpt_local: str = field(init=False)
+    rcpt_domain: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        local, _, domain = self.rcpt.rpartition("@")
+        self.rcpt_local = local
+        self.rcpt_domain = domain.lower()
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,15 +2,15 @@
 
 A recipient in a local domain, a rewrite domain, or a relay_to_domains domain (we are its
 secondary MX) is accepted from anyone. Any other domain only from an authenticated session, from
-loopback (the machine's own submissions), or from a relay_from_hosts address; everyone else gets
-550 5.7.1. When a list needed for the decision is unavailable, defer.
+loopback or a local submission without a client IP (the machine's own mail), or from a
+relay_from_hosts address; everyone else gets 550 5.7.1. When a list needed for the decision is
+unavailable, defer.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from policy.addresses import split
 from policy.checks import Context, Result
 from policy.verdict import RELAY_DENIED, Verdict, defer
 
@@ -29,36 +29,39 @@ def _loopback(ip: str) -> bool:
 
 
 def check(ctx: Context) -> Result:
-    _, domain = split(ctx.rcpt)
-    domain = domain.lower()
+    domain = ctx.rcpt_domain
     snapshot = ctx.snapshot
     if snapshot.is_local_domain(domain):
         return Result(note=f"{domain} is a local domain")
     rewrite = snapshot.rewrite_domains
-    if not rewrite.available:
+    if rewrite.data is None:
         return Result(defer(NAME, rewrite.problem))
-    if rewrite.data and domain in rewrite.data:
+    if domain in rewrite.data:
         return Result(
             note=f"{domain} is a rewrite domain", source=rewrite.source(rewrite.data[domain][1])
         )
+    # Who may relay anywhere comes first: their mail needs no list to be readable.
+    if ctx.auth:
+        ctx.relayed = True
+        return Result(note=f"relay for authenticated user {ctx.auth!r}")
+    if not ctx.ip:
+        # No client IP: submitted on this machine (exim -bs by a local user), which Exim's
+        # default configuration accepts too ("accept hosts = :").
+        ctx.relayed = True
+        return Result(note="relay for a local submission (no client IP)")
+    if _loopback(ctx.ip):
+        ctx.relayed = True
+        return Result(note=f"relay from loopback {ctx.ip}")
     relay_to = snapshot.relay_to_domains
-    if not relay_to.available:
+    if relay_to.data is None:
         return Result(defer(NAME, relay_to.problem))
-    assert relay_to.data is not None
     hit = relay_to.data.lookup(domain)
     if hit is not None:
         ctx.relayed = True
         return Result(note=f"{domain} is in relay_to_domains", source=relay_to.source(hit.line))
-    if ctx.auth:
-        ctx.relayed = True
-        return Result(note=f"relay for authenticated user {ctx.auth!r}")
-    if _loopback(ctx.ip):
-        ctx.relayed = True
-        return Result(note=f"relay from loopback {ctx.ip}")
     hosts = snapshot.relay_from_hosts
-    if not hosts.available:
+    if hosts.data is None:
         return Result(defer(NAME, hosts.problem))
-    assert hosts.data is not None
     found = hosts.data.lookup(ctx.ip)
     if found is not None and found[0]:
         ctx.relayed = True
@@ -66,7 +69,7 @@ def check(ctx: Context) -> Result:
     why = (
         f"{ctx.ip} is excluded by relay_from_hosts"
         if found is not None
-        else f"{ctx.ip or 'local'} is not authenticated and not in relay_from_hosts"
+        else f"{ctx.ip} is not authenticated and not in relay_from_hosts"
     )
     return Result(
         Verdict(

@@ -9,7 +9,7 @@ domain is refused here too: the address itself is the definite evidence.
 
 from __future__ import annotations
 
-from policy.addresses import is_valid_domain, restricted_local_part, split
+from policy.addresses import is_valid_domain, restricted_local_part
 from policy.checks import PASS, Context, Result
 from policy.verdict import BAD_ADDRESS_SYNTAX, Verdict
 
@@ -17,7 +17,7 @@ NAME = "restricted_characters"
 
 
 def check(ctx: Context) -> Result:
-    local, domain = split(ctx.rcpt)
+    local, domain = ctx.rcpt_local, ctx.rcpt_domain
     if not local or not is_valid_domain(domain):
         return Result(
             Verdict(
@@ -27,7 +27,6 @@ def check(ctx: Context) -> Result:
                 "recipient has no local part or no valid domain",
             )
         )
-    domain = domain.lower()
     snapshot = ctx.snapshot
     handled = snapshot.is_local_domain(domain) or bool(
         snapshot.rewrite_domains.data and domain in snapshot.rewrite_domains.data
