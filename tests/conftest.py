@@ -118,17 +118,37 @@ def wait_for_ping(sock_path: Path, proc: subprocess.Popen[bytes], timeout: float
 def start_daemon(short_dir: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(root: Path, *extra: str, config: dict[str, object] | None = None,
-              name: str = "p.sock", **popen: object) -> Daemon:
+    def start(
+        root: Path,
+        *extra: str,
+        config: dict[str, object] | None = None,
+        name: str = "p.sock",
+        **popen: object,
+    ) -> Daemon:
         sock = short_dir / name
         log = short_dir / f"{name}.log"
-        args = [sys.executable, "-m", "policy", "serve", "--root", str(root), "--socket",
-                str(sock), "--log-file", str(log), "--primary-hostname", PRIMARY_HOSTNAME]
+        args = [
+            sys.executable,
+            "-m",
+            "policy",
+            "serve",
+            "--root",
+            str(root),
+            "--socket",
+            str(sock),
+            "--log-file",
+            str(log),
+            "--primary-hostname",
+            PRIMARY_HOSTNAME,
+        ]
         if config is not None:
             cfg = short_dir / f"{name}.toml"
-            cfg.write_text("".join(
-                f"{k} = {v!r}\n" if not isinstance(v, str) else f'{k} = "{v}"\n'
-                for k, v in config.items()))
+            cfg.write_text(
+                "".join(
+                    f"{k} = {v!r}\n" if not isinstance(v, str) else f'{k} = "{v}"\n'
+                    for k, v in config.items()
+                )
+            )
             args += ["--config", str(cfg)]
         proc = subprocess.Popen([*args, *extra], cwd=REPO, **popen)  # type: ignore[call-overload]
         d = Daemon(proc, sock, log, root)

@@ -67,16 +67,18 @@ def exim_conf(short_dir: Path, tree: Path, start_daemon):  # type: ignore[no-unt
     assert len(acls) == 2 and len(router) == 1, "docs/protocol.md lost its Exim blocks"
     daemon = start_daemon(tree, "--socket-group", "Debian-exim")
     conf = short_dir / "exim.conf"
-    conf.write_text(CONFIG.format(socket=daemon.socket, base=short_dir, acls="\n".join(acls),
-                                  router=router[0]))
+    conf.write_text(
+        CONFIG.format(socket=daemon.socket, base=short_dir, acls="\n".join(acls), router=router[0])
+    )
     subprocess.run([EXIM, "-C", str(conf), "-bV"], check=True, capture_output=True)
     return conf, daemon
 
 
 def smtp_session(conf: Path, ip: str, *commands: str) -> list[str]:
     script = "EHLO client.example\r\n" + "".join(c + "\r\n" for c in commands) + "QUIT\r\n"
-    out = subprocess.run([EXIM, "-C", str(conf), "-bh", ip], input=script.encode(),
-                         capture_output=True, timeout=60).stdout.decode()
+    out = subprocess.run(
+        [EXIM, "-C", str(conf), "-bh", ip], input=script.encode(), capture_output=True, timeout=60
+    ).stdout.decode()
     # Final reply lines only ("250 ...", not "250-..."), minus the banner, EHLO and QUIT.
     replies = [ln for ln in out.splitlines() if re.match(r"^\d{3} ", ln)]
     return replies[2:-1]
@@ -85,7 +87,8 @@ def smtp_session(conf: Path, ip: str, *commands: str) -> list[str]:
 def test_rcpt_acl_takes_the_daemons_answers(exim_conf) -> None:  # type: ignore[no-untyped-def]
     conf, _ = exim_conf
     replies = smtp_session(
-        conf, "203.0.113.5",
+        conf,
+        "203.0.113.5",
         "MAIL FROM:<someone@remote.example>",
         "RCPT TO:<alice@example.org>",
         "RCPT TO:<nobody@example.org>",
@@ -103,15 +106,17 @@ def test_rcpt_acl_takes_the_daemons_answers(exim_conf) -> None:  # type: ignore[
 
 def test_relay_from_hosts_relays(exim_conf) -> None:  # type: ignore[no-untyped-def]
     conf, _ = exim_conf
-    replies = smtp_session(conf, "192.0.2.44", "MAIL FROM:<a@example.org>",
-                           "RCPT TO:<friend@far.example>")
+    replies = smtp_session(
+        conf, "192.0.2.44", "MAIL FROM:<a@example.org>", "RCPT TO:<friend@far.example>"
+    )
     assert replies[1].startswith("250 Accepted")
 
 
 def test_hostile_local_part_reaches_the_daemon_intact(exim_conf) -> None:  # type: ignore[no-untyped-def]
     conf, daemon = exim_conf
-    replies = smtp_session(conf, "203.0.113.5", "MAIL FROM:<a@remote.example>",
-                           'RCPT TO:<"x y=z"@example.org>')
+    replies = smtp_session(
+        conf, "203.0.113.5", "MAIL FROM:<a@remote.example>", 'RCPT TO:<"x y=z"@example.org>'
+    )
     assert replies[1].startswith("550 5.1.1")  # judged as a user name, not a protocol error
     daemon.stop()
     # Exim hands the local part over without its quotes; base64 carries the space and "=".
@@ -160,8 +165,9 @@ def test_empty_or_garbage_reply_defers(exim_conf, short_dir: Path) -> None:  # t
 
 
 def route(conf: Path, *addresses: str) -> str:
-    return subprocess.run([EXIM, "-C", str(conf), "-bt", *addresses], capture_output=True,
-                          timeout=60).stdout.decode()
+    return subprocess.run(
+        [EXIM, "-C", str(conf), "-bt", *addresses], capture_output=True, timeout=60
+    ).stdout.decode()
 
 
 def test_alias_router_expands_through_the_daemon(exim_conf) -> None:  # type: ignore[no-untyped-def]

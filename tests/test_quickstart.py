@@ -19,9 +19,15 @@ pytestmark = pytest.mark.integration
 
 def test_run_example_serves_and_its_printed_commands_work(short_dir: Path) -> None:
     env = {**os.environ, "MAILPOLICY_EXAMPLE_DIR": str(short_dir)}
-    proc = subprocess.Popen([str(REPO / "scripts" / "run-example")], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [str(REPO / "scripts" / "run-example")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     sock = short_dir / "policy.sock"
     try:
         deadline = time.monotonic() + 120  # a first run may install packages
@@ -42,9 +48,20 @@ def test_run_example_serves_and_its_printed_commands_work(short_dir: Path) -> No
     commands = [ln.strip() for ln in out.splitlines() if ln.strip().startswith(".venv/bin/")]
     assert len(commands) >= 5, out
     # Run the printed commands against a fresh daemon on the same socket.
-    serve = subprocess.Popen([str(REPO / ".venv/bin/mailpolicy"), "serve", "--root",
-                              "examples/srv-mail", "--socket", str(sock), "--primary-hostname",
-                              "mail.example.org"], cwd=REPO, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen(
+        [
+            str(REPO / ".venv/bin/mailpolicy"),
+            "serve",
+            "--root",
+            "examples/srv-mail",
+            "--socket",
+            str(sock),
+            "--primary-hostname",
+            "mail.example.org",
+        ],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             try:
@@ -52,8 +69,10 @@ def test_run_example_serves_and_its_printed_commands_work(short_dir: Path) -> No
                 break
             except OSError:
                 time.sleep(0.05)
-        outputs = [subprocess.run(shlex.split(c), cwd=REPO, capture_output=True, text=True)
-                   for c in commands]
+        outputs = [
+            subprocess.run(shlex.split(c), cwd=REPO, capture_output=True, text=True)
+            for c in commands
+        ]
     finally:
         serve.terminate()
         serve.wait(10)
