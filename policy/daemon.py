@@ -12,7 +12,8 @@ Life cycle:
   At most ``max_connections`` open connections; the next one gets ``DEFER 451 4.3.2`` at once.
   A request not answered within ``request_deadline`` seconds of its connection gets
   ``DEFER 451 4.3.0`` (checked by a sweep every ``request_deadline / 8`` s, capped at 0.25 s).
-  The list files are checked for edits every ``reload_interval`` seconds in a worker thread.
+  The list files are checked for edits every ``reload_interval`` seconds in a worker thread;
+  while the data root itself is missing (unmounted, moved) the last good snapshot stays in force.
 * SIGHUP: re-read every file now and reopen the log file. SIGTERM/SIGINT: stop accepting,
   let connections in progress finish (at most ``drain_timeout`` s; a request still unfinished
   then gets ``DEFER 451 4.3.2``, never an empty reply), remove the socket, exit 0.
@@ -240,7 +241,10 @@ class Connection(asyncio.Protocol):
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.log = Logbook(settings.log_file)
+        try:
+            self.log = Logbook(settings.log_file)
+        except OSError as e:  # fix: was a traceback and exit 1; the CLI's contract is exit 2
+            raise DaemonError(f"cannot open log file {settings.log_file}: {e.strerror}") from None
         self.loader = TreeLoader(settings.root, settings.hostname)
         self.policy = Policy(settings, self.loader)
         for problem in self.policy.snapshot.problems:
@@ -252,6 +256,8 @@ class Daemon:
         self._sock_ino = -1
         self._stopping: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
+        self._hup_tasks: set[asyncio.Task[None]] = set()
+        self._root_missing = False
 
     # --- socket ----------------------------------------------------------------------------
 
@@ -362,8 +368,22 @@ class Daemon:
             self._stopping.set()
 
     def _on_hup(self) -> None:
-        self.log.reopen()
-        asyncio.get_running_loop().create_task(self.reload(force=True))
+        # Fix: a failed SIGHUP reload (or log reopen) used to surface only on stderr as "Task
+        # exception was never retrieved"; it is logged like a failed periodic reload now, and
+        # the task is referenced until done (asyncio keeps only weak references to tasks).
+        try:
+            self.log.reopen()
+        except OSError as e:  # keep writing to the old file
+            self.log.event(f"cannot reopen the log file: {e}")
+        task = asyncio.get_running_loop().create_task(self._reload_logged(force=True))
+        self._hup_tasks.add(task)
+        task.add_done_callback(self._hup_tasks.discard)
+
+    async def _reload_logged(self, force: bool = False) -> None:
+        try:
+            await self.reload(force)
+        except Exception as e:  # keep serving the last snapshot
+            self.log.event(f"reload failed: {type(e).__name__}: {e}")
 
     async def reload(self, force: bool = False) -> None:
         assert self._reload_lock is not None
@@ -371,6 +391,22 @@ class Daemon:
             loop = asyncio.get_running_loop()
             started = time.monotonic()
             snapshot, messages = await loop.run_in_executor(None, self.loader.refresh, force)
+            # Fix: a vanished data root (unmounted, moved away) read as an empty tree: every
+            # local domain became remote and local mail got 550 5.7.1. Keep the last good
+            # snapshot instead, as for a broken file (DESIGN.md guarantees 2 and 7). The loader
+            # has forgotten the files meanwhile, so it re-reads them all when the root is back.
+            root_there = await loop.run_in_executor(None, os.path.isdir, self.loader.root)
+            if not root_there:
+                if not self._root_missing:
+                    self._root_missing = True
+                    self.log.event(
+                        f"problem {self.loader.root}: data root missing "
+                        "(keeping the last good version)"
+                    )
+                return
+            if self._root_missing:
+                self._root_missing = False
+                self.log.event(f"data root {self.loader.root} is back")
             changed = snapshot is not self.policy.snapshot
             self.policy.snapshot = snapshot
             for m in messages:
@@ -385,10 +421,7 @@ class Daemon:
     async def _reload_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reload_interval)
-            try:
-                await self.reload()
-            except Exception as e:  # keep serving the last snapshot
-                self.log.event(f"reload failed: {type(e).__name__}: {e}")
+            await self._reload_logged()
 
     async def _sweep_loop(self) -> None:
         deadline_ns = int(self.settings.request_deadline * 1e9)

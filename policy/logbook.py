@@ -41,7 +41,12 @@ def _escape_char(m: re.Match[str]) -> str:
     code = ord(c)
     if 0xDC80 <= code <= 0xDCFF:  # a raw byte kept by surrogateescape
         return f"\\x{code - 0xDC00:02x}"
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    # Raw bytes are \xNN (above); characters are \u/\U, so the two never read alike.
+    return (
+        f"\\x{code:02x}"
+        if code < 0x80
+        else (f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    )
 
 
 def _timestamp(t: float) -> str:

@@ -322,5 +322,11 @@ class TreeLoader:
                 loaded = Loaded(
                     rel, None, f"{rel}: cannot read: {e.strerror} (dependent checks defer)"
                 )
+            except Exception as e:  # a parser bug must not stop every other file's reload
+                why = f"{rel}: cannot parse: {type(e).__name__}: {e}"
+                if previous is not None and previous.data is not None:
+                    loaded = Loaded(rel, previous.data, f"{why} (keeping the last good version)")
+                else:
+                    loaded = Loaded(rel, None, f"{why} (no good version: dependent checks defer)")
         self._cache[rel] = (stamp, loaded)
         return loaded, True

@@ -52,7 +52,8 @@ class WildMap:
                 pattern = key.replace("\\N", "")
                 try:
                     self._regexes.append((index, re.compile(pattern, re.IGNORECASE)))
-                except re.error as e:
+                except (re.error, OverflowError, RecursionError) as e:
+                    # OverflowError: a{99999999999}; RecursionError: absurd nesting.
                     raise ListFileError(path, entry.line, f"bad regular expression: {e}") from None
             elif key.startswith("*"):
                 self._suffixes.setdefault(key[1:].lower(), index)
