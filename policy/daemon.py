@@ -38,7 +38,7 @@ from policy.logbook import FLUSH_INTERVAL, Decision, Logbook
 from policy.mailtree import Snapshot, TreeLoader
 from policy.pipeline import evaluate
 from policy.settings import Settings
-from policy.verdict import TEMP_LOCAL, TEMP_OVERLOAD, TEMP_ROUTING_LOOP
+from policy.verdict import TEMP_LOCAL, TEMP_OVERLOAD, TEMP_ROUTING_LOOP, defer
 
 _OVERLOAD = (
     f"DEFER {TEMP_OVERLOAD.code} {TEMP_OVERLOAD.enhanced} policy daemon overloaded\n".encode()
@@ -63,87 +63,43 @@ class Policy:
         self.snapshot: Snapshot = loader.refresh()[0]
 
     def answer(self, line: bytes, started_ns: int) -> tuple[bytes, Decision | None]:
+        """The reply to one request line, and its decision-log record (None: not logged)."""
         try:
             request = protocol.parse(line)
         except protocol.ProtocolError as e:
             reply = protocol.render_error(e)
-            return reply, (
-                "-",
-                "",
-                "",
-                "",
-                reply[:-1].decode(),
-                "protocol",
-                str(e),
-                "",
-                time.monotonic_ns() - started_ns,
-            )
+            return reply, ("-", "", "", "", reply[:-1].decode(), "protocol", str(e), "",
+                           time.monotonic_ns() - started_ns)  # fmt: skip
         verb = request.verb
         f = request.fields
         if verb == "RCPT" or verb == "MAIL":
-            ctx = Context(
-                verb,
-                f["ip"],
-                f["sender"],
-                f.get("rcpt", ""),
-                f.get("helo", ""),
-                f.get("auth", ""),
-                self.snapshot,
-                self.limits,
-            )
+            ctx = Context(verb, f["ip"], f["sender"], f.get("rcpt", ""), f.get("helo", ""),
+                          f.get("auth", ""), self.snapshot, self.limits)  # fmt: skip
             v = evaluate(ctx)
-            s = v.status
             return protocol.render_verdict(v), (
-                verb,
-                ctx.ip,
-                ctx.sender,
-                ctx.rcpt,
-                f"{s.action.value} {s.code} {s.enhanced}",
-                v.check,
-                v.reason,
-                v.source,
-                time.monotonic_ns() - started_ns,
-            )
+                verb, ctx.ip, ctx.sender, ctx.rcpt, v.status.prefix[:-1], v.check, v.reason,
+                v.source, time.monotonic_ns() - started_ns)  # fmt: skip
         if verb == "ALIAS":
-            addr = f["addr"]
-            try:
-                found = resolve(self.snapshot, addr, self.limits)
-            except ResolveError as e:
-                st = TEMP_ROUTING_LOOP if e.loop else TEMP_LOCAL
-                reply = f"DEFER {st.code} {st.enhanced} cannot expand alias now\n".encode()
-                return reply, (
-                    "ALIAS",
-                    "",
-                    "",
-                    addr,
-                    reply[:-1].decode(),
-                    "alias",
-                    str(e),
-                    "",
-                    time.monotonic_ns() - started_ns,
-                )
-            if found is None:
-                reply = protocol.NOTFOUND
-            else:
-                data = ",".join(found)
-                if len(data) > protocol.MAX_REPLY - 16:
-                    reply = (
-                        f"DEFER {TEMP_LOCAL.code} {TEMP_LOCAL.enhanced} alias too long\n".encode()
-                    )
-                else:
-                    reply = protocol.render_found(data)
-            return reply, (
-                "ALIAS",
-                "",
-                "",
-                addr,
-                reply[:-1].decode()[:200],
-                "alias",
-                "",
-                "",
-                time.monotonic_ns() - started_ns,
-            )
+            return self._alias(f["addr"], started_ns)
         return protocol.render_pong(f"mailpolicy {__version__}"), None
+
+    def _alias(self, addr: str, started_ns: int) -> tuple[bytes, Decision]:
+        reason = ""
+        try:
+            found = resolve(self.snapshot, addr, self.limits)
+            reply = protocol.NOTFOUND if found is None else protocol.render_found(",".join(found))
+        except ResolveError as e:
+            reason = str(e)
+            status = TEMP_ROUTING_LOOP if e.loop else TEMP_LOCAL
+            reply = protocol.render_verdict(
+                defer("alias", reason, "cannot expand alias now", status)
+            )
+        except ValueError as e:  # more destinations than one reply holds: never send a cut list
+            reason = str(e)
+            reply = protocol.render_verdict(defer("alias", reason, "alias expansion too long"))
+        shown = reply[:-1].decode("utf-8", "replace")
+        return reply, ("ALIAS", "", "", addr, shown[:200], "alias", reason, "",
+                       time.monotonic_ns() - started_ns)  # fmt: skip
 
 
 class Connection(asyncio.Protocol):

@@ -953,3 +953,21 @@ def test_drain_timeout_still_answers_leftovers(tree: Path, start_daemon: StartDa
     wait_log(d, "stopped; 1 unfinished requests deferred")
     assert d.proc.wait(5) == 0
     assert not os.path.lexists(d.socket)
+
+
+# --- the answer function without a socket ----------------------------------------------------
+
+
+def test_alias_too_long_for_one_reply_defers_not_cut(make_tree: Callable[..., Path]) -> None:
+    from policy.daemon import Policy
+    from policy.mailtree import TreeLoader
+    from policy.protocol import encode_request
+    from policy.settings import Settings
+
+    targets = ", ".join(f"recipient-number-{i:05d}@far-away-domain.example" for i in range(2000))
+    root = make_tree({"aliases/example.org": f"everyone: {targets}\n"})
+    settings = Settings(root=str(root), alias_max_targets=5000)
+    policy = Policy(settings, TreeLoader(str(root), "mail.example.org"))
+    reply, record = policy.answer(encode_request("ALIAS", addr="everyone@example.org"), 0)
+    assert reply == b"DEFER 451 4.3.0 alias expansion too long\n"
+    assert record is not None and "longer than 65536 bytes" in record[6]
