@@ -19,6 +19,7 @@ the last good version in force).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -41,7 +42,12 @@ class ListFileError(Exception):
 
 def parse_lsearch(text: str, path: str) -> list[Entry]:
     """Parse an lsearch file into entries in file order. Raises ListFileError."""
-    entries: list[Entry] = []
+    return list(iter_lsearch(text, path))
+
+
+def iter_lsearch(text: str, path: str) -> Iterator[Entry]:
+    """``parse_lsearch`` one entry at a time: a 100 000-line file is never a list of entries
+    besides the table built from it (the peak size decides the daemon's resident memory)."""
     key = ""
     value_parts: list[str] = []
     start = 0
@@ -54,13 +60,12 @@ def parse_lsearch(text: str, path: str) -> list[Entry]:
             value_parts.append(raw.strip())
             continue
         if start:
-            entries.append(Entry(key, " ".join(p for p in value_parts if p), start))
+            yield Entry(key, " ".join(p for p in value_parts if p), start)
         key, rest = split_key(raw, path, number)
         value_parts = [rest]
         start = number
     if start:
-        entries.append(Entry(key, " ".join(p for p in value_parts if p), start))
-    return entries
+        yield Entry(key, " ".join(p for p in value_parts if p), start)
 
 
 def parse_items(text: str, path: str) -> list[Entry]:

@@ -37,7 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from policy.addresses import is_valid_domain, safe_destination
-from policy.listfiles import ListFileError, parse_items, parse_lsearch, read_text, split_lines
+from policy.listfiles import (
+    ListFileError,
+    iter_lsearch,
+    parse_items,
+    parse_lsearch,
+    read_text,
+    split_lines,
+)
 from policy.matchers import HostList, WildMap
 
 log = logging.getLogger("mailpolicy.tree")
@@ -154,7 +161,7 @@ def parse_passwd(text: str, path: str) -> dict[str, User]:
 
 def parse_aliases(text: str, path: str) -> dict[str, Alias]:
     aliases: dict[str, Alias] = {}
-    for entry in parse_lsearch(text, path):
+    for entry in iter_lsearch(text, path):
         targets = tuple(t.strip() for t in entry.value.split(",") if t.strip())
         if not targets:
             raise ListFileError(path, entry.line, f"alias {entry.key!r} has no destination")
@@ -172,7 +179,7 @@ def parse_aliases(text: str, path: str) -> dict[str, Alias]:
 
 def parse_rewrite_domains(text: str, path: str) -> dict[str, tuple[str, int]]:
     table: dict[str, tuple[str, int]] = {}
-    for entry in parse_lsearch(text, path):
+    for entry in iter_lsearch(text, path):
         source, target = entry.key.lower(), entry.value.strip().lower()
         for d in (source, target):
             if not is_valid_domain(d) or d.startswith("["):

@@ -12,8 +12,6 @@ so ``mailpolicy check`` can warn about weak ones.
 
 from __future__ import annotations
 
-import argon2
-
 SCHEMES = ("ARGON2ID", "ARGON2I")
 DEFAULT_SCHEME = "ARGON2ID"
 
@@ -65,6 +63,8 @@ STRONG = frozenset(
 def make_hash(password: str, scheme: str = DEFAULT_SCHEME) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"unsupported scheme {scheme!r} (choose from {', '.join(SCHEMES)})")
+    import argon2  # here, not at the top: the daemon never hashes, and argon2 costs 2.5 MB
+
     kind = argon2.Type.ID if scheme == "ARGON2ID" else argon2.Type.I
     hasher = argon2.PasswordHasher(
         time_cost=3, memory_cost=65536, parallelism=1, hash_len=32, salt_len=16, type=kind

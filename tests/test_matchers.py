@@ -155,6 +155,17 @@ def test_wildmap_empty() -> None:
 # --- HostList vs. a linear scan with ipaddress -------------------------------------------------
 
 
+def mapped_to_v4(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An item inside ::ffff:0:0/96 is the IPv4 network it maps (clients are mapped too)."""
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
+        mapped = net.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+    return net
+
+
 def reference_hosts(items: list[str], ip: str) -> tuple[bool, int] | None:
     try:
         addr = ipaddress.ip_address(ip)
@@ -168,7 +179,7 @@ def reference_hosts(items: list[str], ip: str) -> tuple[bool, int] | None:
         nets = (
             [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
             if body == "*"
-            else [ipaddress.ip_network(body, strict=False)]
+            else [mapped_to_v4(ipaddress.ip_network(body, strict=False))]
         )
         if any(addr.version == n.version and addr in n for n in nets):
             return (not negated, line)
