@@ -57,13 +57,12 @@ def strip_suffix(local: str) -> str | None:
     return None
 
 
+_SAFE_ADDRESS = re.compile(
+    rf"(?!\.){_SAFE_LOCAL_PART.pattern}@(?=[^@]{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?"
+)
+
+
 def safe_destination(address: str) -> bool:
-    """True for a plain ``local@domain`` that an Exim redirect router may take as it is."""
-    local, domain = split(address)
-    if not domain:
-        return False
-    return (
-        bool(_SAFE_LOCAL_PART.fullmatch(local))
-        and not local.startswith(".")
-        and (is_valid_domain(domain) and not domain.startswith("["))
-    )
+    """True for a plain ``local@domain`` that an Exim redirect router may take as it is: a
+    dot-atom local part not starting with a dot, and a domain name (no address literal)."""
+    return _SAFE_ADDRESS.fullmatch(address) is not None

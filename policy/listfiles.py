@@ -48,45 +48,55 @@ def parse_lsearch(text: str, path: str) -> list[Entry]:
 def iter_lsearch(text: str, path: str) -> Iterator[Entry]:
     """``parse_lsearch`` one entry at a time: a 100 000-line file is never a list of entries
     besides the table built from it (the peak size decides the daemon's resident memory)."""
-    key = ""
-    value_parts: list[str] = []
+    key = value = ""
+    more: list[str] = []  # continuation lines of the entry being read
     start = 0
     for number, raw in enumerate(split_lines(text), 1):
-        if not raw.strip() or raw.startswith("#"):
+        if not raw or raw[0] == "#":
             continue
-        if raw[0] in " \t":
+        if raw[0] == " " or raw[0] == "\t":
+            part = raw.strip()
+            if not part:
+                continue
             if start == 0:
                 raise ListFileError(path, number, "continuation line with no entry above it")
-            value_parts.append(raw.strip())
+            more.append(part)
             continue
         if start:
-            yield Entry(key, " ".join(p for p in value_parts if p), start)
-        key, rest = split_key(raw, path, number)
-        value_parts = [rest]
+            yield Entry(key, " ".join([value, *more]) if more else value, start)
+            more = []
+        key, value = split_key(raw, path, number)
         start = number
     if start:
-        yield Entry(key, " ".join(p for p in value_parts if p), start)
+        yield Entry(key, " ".join([value, *more]) if more else value, start)
 
 
-def parse_items(text: str, path: str) -> list[Entry]:
+def parse_items(text: str, path: str) -> Iterator[Entry]:
     """Parse a file of list items, one per line, as Exim reads a file named in a host list:
     ``#`` at the start of a line, or after white space, starts a comment. IPv6 items keep their
     colons (an lsearch key would stop at the first one)."""
-    entries: list[Entry] = []
     for number, raw in enumerate(split_lines(text), 1):
         item = re.split(r"\s#", raw, maxsplit=1)[0].strip()
         if item and not item.startswith("#"):
-            entries.append(Entry(item, "", number))
-    return entries
+            yield Entry(item, "", number)
 
 
-def split_lines(text: str) -> list[str]:
+def split_lines(text: str) -> Iterator[str]:
     """Lines as Exim reads them: split at LF only (a CR before it is dropped). ``splitlines``
-    would also split at form feeds, U+2028 and the like, changing entries and line numbers."""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    would also split at form feeds, U+2028 and the like, changing entries and line numbers.
+    One line at a time: a list of every line of a 100 000-line file would raise the daemon's
+    peak memory, and with it its resident size for good."""
+    start, end_of_text = 0, len(text)
+    while start < end_of_text:
+        end = text.find("\n", start)
+        if end < 0:
+            end = end_of_text
+        line = text[start:end]
+        yield line[:-1] if line.endswith("\r") else line
+        start = end + 1
+
+
+_KEY_END = re.compile(r"[: \t]")
 
 
 def split_key(line: str, path: str, number: int) -> tuple[str, str]:
@@ -107,11 +117,8 @@ def split_key(line: str, path: str, number: int) -> tuple[str, str]:
             raise ListFileError(path, number, "unterminated quoted key")
         key, rest = "".join(chars), line[i + 1 :]
     else:
-        end = len(line)
-        for i, c in enumerate(line):
-            if c in ": \t":
-                end = i
-                break
+        found = _KEY_END.search(line)
+        end = found.start() if found else len(line)
         key, rest = line[:end], line[end:]
     rest = rest.lstrip(" \t")
     if rest.startswith(":"):

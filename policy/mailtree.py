@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -73,6 +73,74 @@ class Alias:
     line: int
 
 
+V = TypeVar("V")
+
+
+class Packed(Generic[V]):
+    """A read-only ``name -> entry`` table that stores each entry as one string,
+    ``"<line>\\0<data>"``, and builds the entry object only when it is looked up.
+
+    Why: a ``User`` or ``Alias`` object, its line number and its target strings cost about
+    150 bytes more per entry than one string; with 100 000 users that is 15 MB of the
+    daemon's resident size. Lookups build one small object, only on a hit."""
+
+    __slots__ = ("_decode", "_table")
+
+    def __init__(self, decode: Callable[[str, int], V]) -> None:
+        self._table: dict[str, str] = {}
+        self._decode = decode
+
+    def _add(self, key: str, line: int, data: str) -> None:
+        self._table.setdefault(key, f"{line}\0{data}")  # the first entry for a key wins
+
+    def get(self, key: str) -> V | None:
+        packed = self._table.get(key)
+        if packed is None:
+            return None
+        line, _, data = packed.partition("\0")
+        return self._decode(data, int(line))
+
+    def __getitem__(self, key: str) -> V:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def items(self) -> Iterator[tuple[str, V]]:
+        for key in self._table:
+            yield key, self[key]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Packed):
+            return self._table == other._table
+        if isinstance(other, dict):
+            return dict(self.items()) == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking container: unhashable
+
+
+def _user(data: str, line: int) -> User:
+    return User(data, line)
+
+
+def _alias(data: str, line: int) -> Alias:
+    return Alias(tuple(data.split(",")), line)
+
+
+Users = Packed[User]
+Aliases = Packed[Alias]
+
+
 @dataclass(frozen=True, slots=True)
 class Loaded(Generic[T]):
     """One file's parsed content. ``data`` is None when unavailable (see module docstring)."""
@@ -95,8 +163,8 @@ class Snapshot:
 
     root: str
     primary_hostname: str
-    users: dict[str, Loaded[dict[str, User]]] = field(default_factory=dict)
-    aliases: dict[str, Loaded[dict[str, Alias]]] = field(default_factory=dict)
+    users: dict[str, Loaded[Users]] = field(default_factory=dict)
+    aliases: dict[str, Loaded[Aliases]] = field(default_factory=dict)
     lists: dict[str, Loaded[Any]] = field(default_factory=dict)
 
     def is_local_domain(self, domain: str) -> bool:
@@ -115,7 +183,7 @@ class Snapshot:
 
     # Typed accessors for the exim/conf lists.
     @property
-    def global_aliases(self) -> Loaded[dict[str, Alias]]:
+    def global_aliases(self) -> Loaded[Aliases]:
         return self.lists["global_aliases"]
 
     @property
@@ -142,8 +210,8 @@ class Snapshot:
 # --- parsers: text -> data, raising ListFileError -------------------------------------------
 
 
-def parse_passwd(text: str, path: str) -> dict[str, User]:
-    users: dict[str, User] = {}
+def parse_passwd(text: str, path: str) -> Users:
+    users: Users = Packed(_user)
     for number, raw in enumerate(split_lines(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -155,12 +223,14 @@ def parse_passwd(text: str, path: str) -> dict[str, User]:
             raise ListFileError(path, number, "expected user:hash")
         if not name or "@" in name or any(c.isspace() for c in name):
             raise ListFileError(path, number, f"bad user name {name!r} (local part only)")
-        users.setdefault(name.lower(), User(hash_, number))
+        if "\0" in line:
+            raise ListFileError(path, number, "NUL byte")
+        users._add(name.lower(), number, hash_)
     return users
 
 
-def parse_aliases(text: str, path: str) -> dict[str, Alias]:
-    aliases: dict[str, Alias] = {}
+def parse_aliases(text: str, path: str) -> Aliases:
+    aliases: Aliases = Packed(_alias)
     for entry in iter_lsearch(text, path):
         targets = tuple(t.strip() for t in entry.value.split(",") if t.strip())
         if not targets:
@@ -173,7 +243,8 @@ def parse_aliases(text: str, path: str) -> dict[str, Alias]:
                     f"destination {target!r} is not a plain address (pipes, files, :include: "
                     "and quoted local parts are not allowed)",
                 )
-        aliases.setdefault(entry.key.lower(), Alias(targets, entry.line))
+        # Targets are validated plain addresses: no commas or NULs inside, so they pack.
+        aliases._add(entry.key.lower(), entry.line, ",".join(targets))
     return aliases
 
 
@@ -206,7 +277,7 @@ CONF_PARSERS: dict[str, Callable[[str, str], Any]] = {
 }
 
 EMPTY: dict[str, Callable[[], Any]] = {
-    "global_aliases": dict,
+    "global_aliases": lambda: Packed(_alias),
     "rewrite_domains": dict,
     "relay_from_hosts": lambda: HostList([], ""),
     "relay_to_domains": lambda: WildMap([], ""),
@@ -242,8 +313,8 @@ class TreeLoader:
         only when something changed."""
         changed = force or self.snapshot is None
         messages: list[str] = []
-        users: dict[str, Loaded[dict[str, User]]] = {}
-        aliases: dict[str, Loaded[dict[str, Alias]]] = {}
+        users: dict[str, Loaded[Users]] = {}
+        aliases: dict[str, Loaded[Aliases]] = {}
         for sub, target, parser in (
             ("passwd", users, parse_passwd),
             ("aliases", aliases, parse_aliases),
