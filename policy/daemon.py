@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import time
 
 from policy import __version__, protocol
@@ -280,6 +281,9 @@ class Daemon:
         server = await loop.create_unix_server(
             lambda: Connection(self), sock=sock, backlog=self.settings.backlog
         )
+        # The reload and log threads hold the GIL for up to this long while the event loop
+        # waits: 5 ms by default, which showed as 5-10 ms p99 spikes during a reload.
+        sys.setswitchinterval(0.0005)
         self.log.start()
         _freeze_heap()
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)

@@ -71,12 +71,15 @@ def iter_lsearch(text: str, path: str) -> Iterator[Entry]:
         yield Entry(key, " ".join([value, *more]) if more else value, start)
 
 
+_ITEM_COMMENT = re.compile(r"\s#")
+
+
 def parse_items(text: str, path: str) -> Iterator[Entry]:
     """Parse a file of list items, one per line, as Exim reads a file named in a host list:
     ``#`` at the start of a line, or after white space, starts a comment. IPv6 items keep their
     colons (an lsearch key would stop at the first one)."""
     for number, raw in enumerate(split_lines(text), 1):
-        item = re.split(r"\s#", raw, maxsplit=1)[0].strip()
+        item = (_ITEM_COMMENT.split(raw, maxsplit=1)[0] if "#" in raw else raw).strip()
         if item and not item.startswith("#"):
             yield Entry(item, "", number)
 

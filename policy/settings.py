@@ -52,7 +52,7 @@ class Settings:
     # Listen backlog; the kernel caps it at net.core.somaxconn.
     backlog: int = 1024
     # Seconds between checks of the list files for edits (stat only; changed files re-parsed).
-    reload_interval: float = 0.5
+    reload_interval: float = 0.25
     # Seconds SIGTERM waits for requests in progress before exiting.
     drain_timeout: float = 5.0
     # Alias expansion: nesting depth and number of final addresses before it defers.

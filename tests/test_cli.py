@@ -1067,7 +1067,7 @@ def test_config_show(tmp_path: Path) -> None:
         "request_deadline = 2.0",  # an int where a float is expected is fine
         "max_connections = 512",
         "backlog = 1024",
-        "reload_interval = 0.5",
+        "reload_interval = 0.25",
         "drain_timeout = 5.0",
         "alias_max_depth = 10",
         "alias_max_targets = 1000",
