@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,6 +47,8 @@ def read_lines(path: str) -> list[str]:
 
 def atomic_write(path: str, text: str, new_mode: int) -> None:
     directory, name = os.path.split(path)
+    import tempfile  # here: the daemon imports this module through the CLI, never writes
+
     try:
         st: os.stat_result | None = os.stat(path)
     except FileNotFoundError:
@@ -106,7 +107,7 @@ def _address(address: str) -> tuple[str, str]:
 
 def _check_local_part(local: str, what: str) -> str:
     # A leading "#" would make the new line a comment: the command would report success and the
-    # entry would not exist (fix: it used to pass, as "#" is a valid local-part character).
+    # entry would not exist ("#" is otherwise a valid local-part character).
     if (
         local.startswith("#")
         or restricted_local_part(local, True)
@@ -221,8 +222,8 @@ def _alias_span(lines: list[str], key: str) -> tuple[int, int]:
     """[start, end) of the entry for ``key`` including its continuation lines; (-1, -1).
 
     As in ``parse_lsearch``, blank lines and ``#`` comment lines between continuation lines do
-    not end the entry (fix: the span used to stop at them, so the rest of a folded alias was
-    left behind and glued onto the rewritten line); ``_rebuild`` keeps them.
+    not end the entry (stopping there would leave the rest of a folded alias behind, glued onto
+    the rewritten line); ``_rebuild`` keeps them.
     """
     for i, line in enumerate(lines):
         if not line or line[0] in " \t#":

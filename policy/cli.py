@@ -44,8 +44,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from policy.daemon import DaemonError, run
 
     settings = _settings(args)
-    # fix: a missing root (not mounted yet, a typo) made every local domain remote, so the
-    # daemon answered 550 5.7.1 (a bounce) for all local mail; refuse to start instead.
+    # A missing root (not mounted yet, a typo) would make every local domain remote, and the
+    # daemon would answer 550 5.7.1 (a bounce) for all local mail: refuse to start instead.
     if not os.path.isdir(settings.root):
         print(f"mailpolicy serve: {settings.root}: no such directory", file=sys.stderr)
         return 2
@@ -176,7 +176,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 def _tree_root(args: argparse.Namespace) -> str:
     """The root for the editing commands. It must exist: a mistyped --root must not quietly
-    start a new tree (fix: user/alias add used to create <root>/passwd/<domain> anywhere)."""
+    start a new tree."""
     root = _settings(args).root
     if not os.path.isdir(root):
         raise SettingsError(f"{root}: no such directory")
@@ -188,7 +188,7 @@ def cmd_user(args: argparse.Namespace) -> int:
     if args.action == "list":
         snapshot, _ = TreeLoader(root).refresh()
         wanted = args.domain.lower() if args.domain else None
-        # fix: this used to test that passwd/ exists, so an unknown domain listed nothing, exit 0
+        # An unknown domain is an error, not an empty list: the admin mistyped it.
         if wanted is not None and wanted not in snapshot.users:
             print(f"mailpolicy user: no passwd/{wanted}", file=sys.stderr)
             return 1
@@ -205,7 +205,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         path = admin.user_del(root, args.address)
         print(f"deleted {args.address} from {path}")
         return 0
-    # fix: check the address (and whether the user exists) before asking for the password twice
+    # Check the address (and whether the user exists) before asking for the password twice.
     admin.check_new_user(root, args.address, exists=args.action == "passwd")
     password = _read_password(args)
     hash_ = passwords.make_hash(password, args.scheme)
@@ -223,7 +223,7 @@ def cmd_alias(args: argparse.Namespace) -> int:
     if args.action == "list":
         snapshot, _ = TreeLoader(root).refresh()
         wanted = args.domain.lower() if args.domain else None
-        # fix: the domain was compared without lower-casing, and an unknown one listed nothing
+        # Domains compare lower-cased; an unknown one is an error, not an empty list.
         if wanted not in (None, "*") and not snapshot.is_local_domain(wanted):
             print(f"mailpolicy alias: {wanted} is not a local domain", file=sys.stderr)
             return 1

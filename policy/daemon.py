@@ -201,7 +201,7 @@ class Daemon:
         self.settings = settings
         try:
             self.log = Logbook(settings.log_file)
-        except OSError as e:  # fix: was a traceback and exit 1; the CLI's contract is exit 2
+        except OSError as e:  # a start-up error: exit 2, as the CLI promises
             raise DaemonError(f"cannot open log file {settings.log_file}: {e.strerror}") from None
         self.loader = TreeLoader(settings.root, settings.hostname)
         self.policy = Policy(settings, self.loader)
@@ -281,10 +281,10 @@ class Daemon:
         server = await loop.create_unix_server(
             lambda: Connection(self), sock=sock, backlog=self.settings.backlog
         )
-        # The reload and log threads hold the GIL for up to this long while the event loop
-        # waits: 5 ms by default, which showed as 5-10 ms p99 spikes during a reload.
+        # The reload thread holds the GIL for up to this long while the event loop waits:
+        # 5 ms by default, which showed as 5-10 ms p99 spikes during a reload.
         sys.setswitchinterval(0.0005)
-        self.log.start()
+        self.log.start(loop)
         _freeze_heap()
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
@@ -304,8 +304,8 @@ class Daemon:
             deadline = loop.time() + self.settings.drain_timeout
             while self.connections and loop.time() < deadline:
                 await asyncio.sleep(0.02)
-            # Fix: requests still unfinished used to be dropped with an empty reply (which
-            # Exim does not treat as a failure). Defer them, and let the replies go out.
+            # Requests still unfinished get a DEFER, never an empty reply: Exim does not treat
+            # an empty reply as a failure (RECIPES.md section 3).
             unfinished = sum(not c.done for c in self.connections)
             for conn in list(self.connections):
                 conn.expire(_SHUTDOWN, "shutting down: drain_timeout passed")
@@ -328,9 +328,8 @@ class Daemon:
             self._stopping.set()
 
     def _on_hup(self) -> None:
-        # Fix: a failed SIGHUP reload (or log reopen) used to surface only on stderr as "Task
-        # exception was never retrieved"; it is logged like a failed periodic reload now, and
-        # the task is referenced until done (asyncio keeps only weak references to tasks).
+        # A failed reload or log reopen is logged like a failed periodic reload, not left to
+        # stderr; the task is referenced until done (asyncio keeps only weak references).
         try:
             self.log.reopen()
         except OSError as e:  # keep writing to the old file
@@ -351,8 +350,8 @@ class Daemon:
             loop = asyncio.get_running_loop()
             started = time.monotonic()
             snapshot, messages = await loop.run_in_executor(None, self.loader.refresh, force)
-            # Fix: a vanished data root (unmounted, moved away) read as an empty tree: every
-            # local domain became remote and local mail got 550 5.7.1. Keep the last good
+            # A vanished data root (unmounted, moved away) reads as an empty tree, in which every
+            # local domain is remote and local mail would get 550 5.7.1. Keep the last good
             # snapshot instead, as for a broken file (DESIGN.md guarantees 2 and 7). The loader
             # has forgotten the files meanwhile, so it re-reads them all when the root is back.
             root_there = await loop.run_in_executor(None, os.path.isdir, self.loader.root)

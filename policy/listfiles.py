@@ -19,7 +19,7 @@ the last good version in force).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -40,18 +40,18 @@ class ListFileError(Exception):
         self.message = message
 
 
-def parse_lsearch(text: str, path: str) -> list[Entry]:
+def parse_lsearch(text: Text, path: str) -> list[Entry]:
     """Parse an lsearch file into entries in file order. Raises ListFileError."""
     return list(iter_lsearch(text, path))
 
 
-def iter_lsearch(text: str, path: str) -> Iterator[Entry]:
+def iter_lsearch(text: Text, path: str) -> Iterator[Entry]:
     """``parse_lsearch`` one entry at a time: a 100 000-line file is never a list of entries
     besides the table built from it (the peak size decides the daemon's resident memory)."""
     key = value = ""
     more: list[str] = []  # continuation lines of the entry being read
     start = 0
-    for number, raw in enumerate(split_lines(text), 1):
+    for number, raw in enumerate(lines_of(text), 1):
         if not raw or raw[0] == "#":
             continue
         if raw[0] == " " or raw[0] == "\t":
@@ -74,11 +74,11 @@ def iter_lsearch(text: str, path: str) -> Iterator[Entry]:
 _ITEM_COMMENT = re.compile(r"\s#")
 
 
-def parse_items(text: str, path: str) -> Iterator[Entry]:
+def parse_items(text: Text, path: str) -> Iterator[Entry]:
     """Parse a file of list items, one per line, as Exim reads a file named in a host list:
     ``#`` at the start of a line, or after white space, starts a comment. IPv6 items keep their
     colons (an lsearch key would stop at the first one)."""
-    for number, raw in enumerate(split_lines(text), 1):
+    for number, raw in enumerate(lines_of(text), 1):
         item = (_ITEM_COMMENT.split(raw, maxsplit=1)[0] if "#" in raw else raw).strip()
         if item and not item.startswith("#"):
             yield Entry(item, "", number)
@@ -129,6 +129,32 @@ def split_key(line: str, path: str, number: int) -> tuple[str, str]:
     if not key:
         raise ListFileError(path, number, "empty key")
     return key, rest.strip()
+
+
+Text = str | Iterable[str]  # a whole file, or its lines (``read_lines``) as the parsers take it
+
+
+def lines_of(text: Text) -> Iterator[str]:
+    return split_lines(text) if isinstance(text, str) else iter(text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def read_lines(path: str, rel: str) -> Iterator[str]:
+    """The lines of a list file, streamed: a 100 000-line file is never one string in memory
+    (its peak stays in the daemon's resident size). UTF-8, split at LF only, a CR before the
+    LF dropped, as ``split_lines``. Raises OSError, or ListFileError naming ``rel`` and the
+    line that is not UTF-8."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        for number, line in enumerate(f, 1):
+            if line.endswith("\n"):
+                line = line[:-1]
+            if line.endswith("\r"):
+                line = line[:-1]
+            if not line.isascii() and _SURROGATE.search(line):
+                raise ListFileError(rel, number, "not valid UTF-8")
+            yield line
 
 
 def read_text(path: str) -> str:

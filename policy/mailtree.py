@@ -39,11 +39,12 @@ from typing import Any, Generic, TypeVar
 from policy.addresses import is_valid_domain, safe_destination
 from policy.listfiles import (
     ListFileError,
+    Text,
     iter_lsearch,
+    lines_of,
     parse_items,
     parse_lsearch,
-    read_text,
-    split_lines,
+    read_lines,
 )
 from policy.matchers import HostList, WildMap
 
@@ -210,9 +211,9 @@ class Snapshot:
 # --- parsers: text -> data, raising ListFileError -------------------------------------------
 
 
-def parse_passwd(text: str, path: str) -> Users:
+def parse_passwd(text: Text, path: str) -> Users:
     users: Users = Packed(_user)
-    for number, raw in enumerate(split_lines(text), 1):
+    for number, raw in enumerate(lines_of(text), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -229,7 +230,7 @@ def parse_passwd(text: str, path: str) -> Users:
     return users
 
 
-def parse_aliases(text: str, path: str) -> Aliases:
+def parse_aliases(text: Text, path: str) -> Aliases:
     aliases: Aliases = Packed(_alias)
     for entry in iter_lsearch(text, path):
         targets = tuple(t.strip() for t in entry.value.split(",") if t.strip())
@@ -248,7 +249,7 @@ def parse_aliases(text: str, path: str) -> Aliases:
     return aliases
 
 
-def parse_rewrite_domains(text: str, path: str) -> dict[str, tuple[str, int]]:
+def parse_rewrite_domains(text: Text, path: str) -> dict[str, tuple[str, int]]:
     table: dict[str, tuple[str, int]] = {}
     for entry in iter_lsearch(text, path):
         source, target = entry.key.lower(), entry.value.strip().lower()
@@ -259,15 +260,15 @@ def parse_rewrite_domains(text: str, path: str) -> dict[str, tuple[str, int]]:
     return table
 
 
-def _wild(text: str, path: str) -> WildMap:
+def _wild(text: Text, path: str) -> WildMap:
     return WildMap(parse_lsearch(text, path), path)
 
 
-def _hosts(text: str, path: str) -> HostList:
+def _hosts(text: Text, path: str) -> HostList:
     return HostList(parse_items(text, path), path)
 
 
-CONF_PARSERS: dict[str, Callable[[str, str], Any]] = {
+CONF_PARSERS: dict[str, Callable[[Text, str], Any]] = {
     "global_aliases": parse_aliases,
     "rewrite_domains": parse_rewrite_domains,
     "relay_from_hosts": _hosts,
@@ -363,7 +364,7 @@ class TreeLoader:
     def _load(
         self,
         rel: str,
-        parser: Callable[[str, str], Any],
+        parser: Callable[[Text, str], Any],
         empty: Callable[[], Any] | None,
         force: bool,
     ) -> tuple[Loaded[Any] | None, bool]:
@@ -386,11 +387,7 @@ class TreeLoader:
             loaded: Loaded[Any] = Loaded(rel, empty())
         else:
             try:
-                try:
-                    text = read_text(path)
-                except ListFileError as e:  # named by the absolute path: name it as the others
-                    raise ListFileError(rel, e.line, e.message) from None
-                loaded = Loaded(rel, parser(text, rel))
+                loaded = Loaded(rel, parser(read_lines(path, rel), rel))
             except ListFileError as e:
                 if previous is not None and previous.data is not None:
                     loaded = Loaded(rel, previous.data, f"{e} (keeping the last good version)")

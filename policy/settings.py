@@ -83,8 +83,8 @@ def load(path: str | None, overrides: dict[str, Any] | None = None) -> Settings:
             raise SettingsError(f"{path}: cannot read: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise SettingsError(f"{path}: {e}") from None
-    # Which source each value came from, so errors name the right one (fix: a bad --socket-mode
-    # was blamed on the config file).
+    # Which source each value came from, so an error names the right one (a bad --socket-mode
+    # is not the config file's fault).
     origin = dict.fromkeys(values, path or "command line")
     for key, value in (overrides or {}).items():
         if value is not None:
