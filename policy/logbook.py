@@ -33,6 +33,8 @@ Decision = tuple[str, str, str, str, str, str, str, str, int]
 def quote(value: str) -> str:
     if value and not _NEEDS_QUOTING.search(value):
         return value
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return '"' + value + '"'  # the common case (a reason with spaces): nothing to escape
     return '"' + _ESCAPE.sub(_escape_char, value) + '"'
 
 
@@ -72,13 +74,13 @@ class _Clock:
 
 def format_decision(d: Decision, t: float, clock: Callable[[float], str] = _timestamp) -> str:
     stage, ip, sender, rcpt, verdict, check, reason, source, ns = d
-    # ip passed the protocol's [0-9A-Za-z.:_%-] check; verdict, check and source are ours.
-    # Only what an SMTP client chose (sender, rcpt, and the reason quoting them) is escaped.
+    # ip passed the protocol's [0-9A-Za-z.:_%-] check; check and source are ours.
+    # What an SMTP client chose (sender, rcpt, and the verdict and reason quoting them) is escaped.
     shown_sender = quote("<" + sender + ">") if stage in ("MAIL", "RCPT") else "-"
     return (
         f"{clock(t)} decision stage={stage} ip={ip or '-'} "
         f"sender={shown_sender} rcpt={quote('<' + rcpt + '>') if rcpt else '-'} "
-        f'verdict="{verdict}" check={check or "-"} reason={quote(reason) if reason else "-"} '
+        f"verdict={quote(verdict)} check={check or '-'} reason={quote(reason) if reason else '-'} "
         f"source={source or '-'} duration_ms={ns / 1e6:.3f}\n"
     )
 
