@@ -126,6 +126,13 @@ def _rewrites(snapshot: Snapshot, report: Report) -> None:
             report.warnings.append(
                 f"{where}: {source} -> {target}, not a local domain: mail for it is forwarded there"
             )
+        # Rewriting comes first, so the source domain's own users and aliases are never reached.
+        for sub, files in (("passwd", snapshot.users), ("aliases", snapshot.aliases)):
+            if source in files:
+                report.warnings.append(
+                    f"{sub}/{source}: {source} is rewritten to {target} ({where}): "
+                    "its entries are never used"
+                )
 
 
 def _passwords(snapshot: Snapshot, report: Report) -> None:

@@ -1111,3 +1111,11 @@ def test_config_missing_file(tmp_path: Path) -> None:
     r = mailpolicy("config", "show", "--config", cfg)
     assert (r.rc, r.out) == (2, "")
     assert r.err == f"mailpolicy: {cfg}: cannot read: No such file or directory\n"
+
+
+def test_check_warns_about_entries_of_a_rewritten_domain(tree: Path) -> None:
+    (tree / "passwd" / "example.info").write_text("zed:{PLAIN}x\n")
+    r = mailpolicy("check", "--root", tree)
+    assert r.rc == 0
+    assert "warning: passwd/example.info: example.info is rewritten to example.org" in r.out
+    assert "its entries are never used" in r.out
