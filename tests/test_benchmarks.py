@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 
-# Run alone by scripts/run-tests, after the other tests: it measures, so it wants the machine.
+# Run alone by scripts/run-tests, before the other tests: it measures, so it wants the machine.
 pytestmark = [pytest.mark.integration, pytest.mark.benchmark]
 
 
