@@ -392,6 +392,10 @@ class Daemon:
             cutoff = time.monotonic_ns() - deadline_ns
             for conn in [c for c in self.connections if c.started < cutoff]:
                 conn.expire()
+            if self.overloads:  # one event per sweep, not one line per refused connection
+                self.log.event(f"overloaded: {self.overloads} connections deferred at once "
+                               f"(max_connections={self.settings.max_connections})")  # fmt: skip
+                self.overloads = 0
 
 
 def _freeze_heap() -> None:

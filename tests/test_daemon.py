@@ -798,6 +798,17 @@ def test_overload_defers_at_once(tree: Path, start_daemon: StartDaemon) -> None:
             reply, took = timed(d.socket, request)
             assert reply == OVERLOADED, reply
             assert took < PROMPT, took
+        # The admin learns of it: an event line per sweep with the count (the three refusals
+        # may straddle two sweeps).
+        pattern = r" event overloaded: (\d+) connections deferred at once \(max_connections=4\)"
+
+        def refused() -> int:
+            return sum(int(n) for n in re.findall(pattern, d.log_text()))
+
+        deadline = time.monotonic() + 3
+        while refused() < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert refused() == 3, d.log_text()
     finally:
         for s in idle:
             s.close()
