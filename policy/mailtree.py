@@ -321,15 +321,31 @@ class TreeLoader:
             ("aliases", aliases, parse_aliases),
         ):
             directory = os.path.join(self.root, sub)
+            prefix = f"{sub}/"
             try:
                 names = sorted(os.listdir(directory))
             except FileNotFoundError:
                 names = []
+                # The directory held domains a moment ago: it vanished (unmounted, moved away)
+                # more likely than every domain was removed. Their mail defers rather than
+                # bounces; an admin who means it leaves an empty directory instead.
+                last = self.snapshot
+                before: dict[str, Loaded[Any]] = (
+                    {} if last is None else dict(last.users if sub == "passwd" else last.aliases)
+                )
+                for rel in [r for r in self._cache if r.startswith(prefix)]:
+                    name = rel[len(prefix) :]
+                    gone: Loaded[Any] = Loaded(
+                        rel, None, f"{sub}/ is missing: {rel} unavailable (dependent checks defer)"
+                    )
+                    target[name] = gone
+                    if before.get(name) != gone:  # log and rebuild once, not every poll
+                        changed = True
+                        messages.append(gone.problem)
             except OSError as e:
                 messages.append(f"{sub}/: cannot list directory: {e.strerror}")
                 # Keep the domains known so far: their files are unreadable now (their checks
                 # defer), not gone (which would turn local mail into a 5xx relay denial).
-                prefix = f"{sub}/"
                 names = sorted(r[len(prefix) :] for r in self._cache if r.startswith(prefix))
             for name in names:
                 if _ignored_name(name):

@@ -369,3 +369,26 @@ def test_parse_rewrite_domains() -> None:
     for bad in ("example.info:\n", "example.info: a b\n", "[1.2.3.4]: x.org\n", "x: [1.2.3.4]\n"):
         with pytest.raises(ListFileError, match=r"^r:1: .*is not a domain"):
             parse_rewrite_domains(bad, "r")
+
+
+def test_vanished_passwd_directory_defers_not_bounces(tree: Path) -> None:
+    """passwd/ gone after a good load (an unmount, a move): its domains stay known, their
+    users unavailable (451), instead of unknown users (550) or remote domains (relay 550)."""
+    from policy.aliases import Kind, classify
+
+    loader = TreeLoader(str(tree), "mail.example.org")
+    first, _ = loader.refresh()
+    shutil.rmtree(tree / "passwd")
+    snap, messages = loader.refresh()
+    assert snap is not first
+    assert messages == [
+        "passwd/ is missing: passwd/example.net unavailable (dependent checks defer)",
+        "passwd/ is missing: passwd/example.org unavailable (dependent checks defer)",
+    ]
+    assert snap.is_local_domain("example.org")
+    assert classify(snap, "alice@example.org").kind is Kind.UNAVAILABLE
+    again, messages = loader.refresh()  # logged once, not on every poll
+    assert again is snap and messages == []
+    shutil.copytree(EXAMPLE / "passwd", tree / "passwd")
+    back, _ = loader.refresh()
+    assert classify(back, "alice@example.org").kind is Kind.USER
