@@ -153,7 +153,18 @@ def test_relay_for_local_submission_without_ip(snap: Snapshot) -> None:
 
 
 @pytest.mark.parametrize(
-    "ip", ["203.0.113.5", "2001:db9::1", "128.0.0.1", "::2", "127.evil", "::ffff:203.0.113.5"]
+    "ip",
+    [
+        "203.0.113.5",
+        "2001:db9::1",
+        "128.0.0.1",
+        "::2",
+        "127.evil",
+        "::ffff:203.0.113.5",
+        "127.0.0.2",
+        "127.1.2.3",
+        "::ffff:127.0.0.2",
+    ],
 )
 def test_relay_denied(snap: Snapshot, ip: str) -> None:
     for rcpt in ("x@remote.example", "x@notbackup.example", "x@example.org.evil"):
@@ -174,14 +185,12 @@ def test_relay_for_authenticated_sessions(snap: Snapshot) -> None:
     assert c.relayed is True
 
 
-@pytest.mark.parametrize(
-    "ip", ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1", "::ffff:127.0.0.2"]
-)
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "::ffff:127.0.0.1"])
 def test_relay_from_loopback(snap: Snapshot, ip: str) -> None:
     c = ctx(snap, "x@remote.example", ip=ip)
     result = relay.check(c)
     assert result.verdict is None
-    assert "loopback" in result.note
+    assert "localhost" in result.note
     assert c.relayed is True
 
 

@@ -489,7 +489,7 @@ def test_explain_relay(tree: Path) -> None:
 
     r = explain(tree, "friend@elsewhere.example", "127.0.0.1")
     assert r.rc == 0
-    assert "  relay: pass: relay from loopback 127.0.0.1" in r.lines
+    assert "  relay: pass: relay from localhost 127.0.0.1" in r.lines
 
     # We are a secondary MX for relay_to_domains: accepted from anyone, without auth.
     n = line_of(tree / "exim/conf/relay_to_domains", "*.backup.example")

@@ -2,7 +2,7 @@
 
 A recipient in a local domain, a rewrite domain, or a relay_to_domains domain (we are its
 secondary MX) is accepted from anyone. Any other domain only from an authenticated session, from
-loopback or a local submission without a client IP (the machine's own mail), or from a
+localhost (127.0.0.1, ::1) or a local submission without a client IP (the machine's own mail), or from a
 relay_from_hosts address; everyone else gets 550 5.7.1. When a list needed for the decision is
 unavailable, defer.
 """
@@ -17,15 +17,20 @@ from policy.verdict import RELAY_DENIED, Verdict, defer
 NAME = "relay"
 
 
-def _loopback(ip: str) -> bool:
-    # Parsed, not prefix-matched: "127.example" is not an address, ::ffff:127.0.0.2 is loopback.
+_LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
+def _localhost(ip: str) -> bool:
+    """127.0.0.1 or ::1 (IPv4-mapped too), as Debian's Exim `relay_from_hosts = 127.0.0.1 :
+    ::::1`. Not all of 127.0.0.0/8: other loopback addresses are what the tests (and a local
+    proxy) use to stand for outside clients. Parsed, not prefix-matched."""
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return addr.is_loopback
+    return addr in _LOCALHOST
 
 
 def check(ctx: Context) -> Result:
@@ -49,9 +54,9 @@ def check(ctx: Context) -> Result:
         # default configuration accepts too ("accept hosts = :").
         ctx.relayed = True
         return Result(note="relay for a local submission (no client IP)")
-    if _loopback(ctx.ip):
+    if _localhost(ctx.ip):
         ctx.relayed = True
-        return Result(note=f"relay from loopback {ctx.ip}")
+        return Result(note=f"relay from localhost {ctx.ip}")
     relay_to = snapshot.relay_to_domains
     if relay_to.data is None:
         return Result(defer(NAME, relay_to.problem))
