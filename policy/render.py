@@ -43,7 +43,7 @@ class EximSite:
     log_dir: str
     smtp_port: int = 25
     submission_port: int = 587
-    interfaces: tuple[str, ...] = ("0.0.0.0", "::")
+    interfaces: tuple[str, ...] = ("0.0.0.0", "::")  # noqa: S104 (a mail server listens)
     # Port of a loopback SMTP sink that gets every non-local message instead of DNS routing
     # (`mailpolicy up` and the tests: nothing may leave the machine). None in production.
     sink_port: int | None = None

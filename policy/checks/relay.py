@@ -1,10 +1,10 @@
 """Relay control: never an open relay (DESIGN.md guarantee 3).
 
 A recipient in a local domain, a rewrite domain, or a relay_to_domains domain (we are its
-secondary MX) is accepted from anyone. Any other domain only from an authenticated session, from
-localhost (127.0.0.1, ::1) or a local submission without a client IP (the machine's own mail), or from a
-relay_from_hosts address; everyone else gets 550 5.7.1. When a list needed for the decision is
-unavailable, defer.
+secondary MX) is accepted from anyone. Any other domain only from an authenticated session,
+from localhost (127.0.0.1, ::1) or a local submission without a client IP (the machine's own
+mail), or from a relay_from_hosts address; everyone else gets 550 5.7.1. When a list needed for
+the decision is unavailable, defer.
 """
 
 from __future__ import annotations

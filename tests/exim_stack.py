@@ -1,0 +1,198 @@
+"""A real Exim 4.96 daemon on loopback running the project's exim/configure, with the policy
+daemon, a Maildir tree and an aiosmtpd sink for everything non-local. Started by the tests from
+a temporary directory (RECIPES.md sections 2-3); nothing listens beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope, Session
+
+from policy.render import EximSite, render_exim
+from tests.conftest import EXAMPLE, REPO, wait_for_ping
+
+EXIM = shutil.which("exim") or shutil.which("exim4") or "exim"
+PRIMARY = "mail.example.org"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Sink:
+    """The remote world: an aiosmtpd server that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server: object, session: Session, envelope: Envelope) -> str:
+        content = envelope.content if isinstance(envelope.content, bytes) else b""
+        self.messages.append((str(envelope.mail_from), list(envelope.rcpt_tos), content))
+        return "250 2.0.0 kept"
+
+
+@dataclass
+class Stack:
+    base: Path
+    root: Path
+    conf: Path
+    smtp_port: int
+    submission_port: int
+    policy_socket: Path
+    sink: Sink
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # --- the policy daemon --------------------------------------------------------------
+
+    def start_policy(self) -> None:
+        log = self.base / "policy.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "policy", "serve", "--root", str(self.root), "--socket",
+             str(self.policy_socket), "--socket-group", "Debian-exim", "--log-file", str(log),
+             "--primary-hostname", PRIMARY, "--config", os.devnull],
+            cwd=REPO,
+        )  # fmt: skip
+        self.procs["policy"] = proc
+        wait_for_ping(self.policy_socket, proc)
+
+    def stop_policy(self) -> None:
+        proc = self.procs.pop("policy", None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+    # --- Exim ---------------------------------------------------------------------------
+
+    def start_exim(self) -> None:
+        # stderr to a file: Exim says "exim user lost privilege for using -C option" at every
+        # queue run (expected: the transports run as Debian-exim, RECIPES.md section 2).
+        with (self.base / "log" / "exim.stderr").open("ab") as err:
+            proc = subprocess.Popen([EXIM, "-C", str(self.conf), "-bdf", "-q2s"], stderr=err)
+        self.procs["exim"] = proc
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.smtp_port), timeout=1) as s,
+            ):
+                if s.recv(512).startswith(b"220"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"Exim did not start: {self.mainlog()}{self.paniclog()}")
+
+    def mainlog(self) -> str:
+        path = self.base / "log" / "mainlog"
+        return path.read_text() if path.exists() else ""
+
+    def paniclog(self) -> str:
+        path = self.base / "log" / "paniclog"
+        return path.read_text() if path.exists() else ""
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    # --- clients ------------------------------------------------------------------------
+
+    def smtp(self, source: str = "127.0.0.2", port: int | None = None) -> smtplib.SMTP:
+        """A client from ``source`` (not 127.0.0.1: that one is localhost, allowed to relay)."""
+        client = smtplib.SMTP(timeout=30, local_hostname="client.example.net",
+                              source_address=(source, 0))  # fmt: skip
+        client.connect("127.0.0.1", port or self.smtp_port)
+        client.ehlo("client.example.net")
+        return client
+
+    def maildir(self, domain: str, user: str) -> list[bytes]:
+        new = self.root / "domains" / domain / user / "Maildir" / "new"
+        return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []
+
+    def wait_maildir(self, domain: str, user: str, marker: str, timeout: float = 20) -> bytes:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.maildir(domain, user):
+                if marker.encode() in message:
+                    return message
+            time.sleep(0.05)
+        raise AssertionError(f"{marker} not delivered to {user}@{domain}:\n{self.mainlog()}")
+
+    def wait_sink(self, marker: str, timeout: float = 20) -> tuple[str, list[str], bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for kept in self.sink.messages:
+                if marker.encode() in kept[2]:
+                    return kept
+            time.sleep(0.05)
+        raise AssertionError(f"{marker} never reached the sink:\n{self.mainlog()}")
+
+
+def message(sender: str, rcpt: str, marker: str) -> bytes:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = rcpt
+    msg["Subject"] = marker
+    msg["Message-ID"] = f"<{marker}@client.example.net>"
+    msg.set_content(f"test {marker}\n")
+    return msg.as_bytes()
+
+
+@contextlib.contextmanager
+def exim_stack(relay_from: tuple[str, ...] = ()) -> Iterator[Stack]:
+    base = Path(tempfile.mkdtemp(prefix="mx.", dir="/tmp"))
+    os.chmod(base, 0o755)  # Debian-exim must traverse it
+    root = base / "srv"
+    shutil.copytree(EXAMPLE, root)
+    if relay_from:
+        with (root / "exim" / "conf" / "relay_from_hosts").open("a") as f:
+            f.write("".join(f"{ip}\n" for ip in relay_from))
+    for sub in ("exim/spool", "domains"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        shutil.chown(root / sub, "Debian-exim", "Debian-exim")
+    (base / "log").mkdir()
+    shutil.chown(base / "log", "Debian-exim", "Debian-exim")
+    sink = Sink()
+    sink_port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=sink_port)
+    controller.start()
+    stack = Stack(base, root, base / "exim.conf", free_port(), free_port(), base / "policy.sock",
+                  sink)  # fmt: skip
+    site = EximSite(
+        root=str(root), policy_socket=str(stack.policy_socket), primary_hostname=PRIMARY,
+        qualify_domain="example.org", log_dir=str(base / "log"), smtp_port=stack.smtp_port,
+        submission_port=stack.submission_port, interfaces=("127.0.0.1",), sink_port=sink_port,
+    )  # fmt: skip
+    stack.conf.write_text(render_exim(site))
+    try:
+        check = subprocess.run([EXIM, "-C", str(stack.conf), "-bV"], capture_output=True,
+                               text=True)  # fmt: skip
+        if check.returncode != 0:
+            raise RuntimeError(f"exim -bV failed: {check.stdout}{check.stderr}")
+        stack.start_policy()
+        stack.start_exim()
+        yield stack
+    finally:
+        stack.stop()
+        controller.stop()
+        shutil.rmtree(base, ignore_errors=True)
