@@ -246,6 +246,18 @@ def cmd_alias(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from policy.up import UpError, up
+
+    settings = _settings(args)
+    try:
+        return up(settings.root, args.state, args.port_offset, settings.hostname,
+                  args.qualify_domain or settings.hostname)  # fmt: skip
+    except UpError as e:
+        print(f"mailpolicy up: {e}", file=sys.stderr)
+        return 2
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(show(_settings(args)))
     return 0
@@ -328,6 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls = asub.add_parser("list", parents=[common])
     ls.add_argument("domain", nargs="?")
     al.set_defaults(func=cmd_alias)
+
+    up = sub.add_parser(
+        "up", parents=[common], help="run the local stack (daemon, Exim) on loopback"
+    )
+    up.add_argument(
+        "--port-offset",
+        type=int,
+        default=10000,
+        help="added to the standard ports (default 10000: SMTP 10025)",
+    )
+    up.add_argument(
+        "--state",
+        default="/tmp/mailpolicy-up",
+        help="where rendered configs, sockets, logs and the sink's mail go",
+    )
+    up.add_argument("--primary-hostname")
+    up.add_argument("--qualify-domain", help="domain for bare local parts (default: hostname)")
+    up.set_defaults(func=cmd_up)
 
     cf = sub.add_parser("config", help="settings")
     csub = cf.add_subparsers(dest="action", required=True)

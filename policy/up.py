@@ -1,0 +1,185 @@
+"""``mailpolicy up``: the whole local stack on loopback, for trying the project and for its
+README command (1).
+
+It renders the configurations into a state directory and starts, on 127.0.0.1 at the standard
+ports plus ``--port-offset`` (default 10000: SMTP 10025, submission 10587):
+
+* the policy daemon on ``<state>/policy.sock`` (group Debian-exim, so Exim can ask it);
+* a loopback SMTP sink (aiosmtpd) that keeps every message for a non-local domain in
+  ``<state>/sink/``: nothing ever leaves the machine;
+* Exim 4.96 with ``exim/configure``, delivering local mail to ``<root>/domains/``.
+
+Dovecot, clamd and spamd join as their issues land. A self-signed certificate is made for each
+local domain and the primary hostname that has none under ``<root>/ssl/<name>/current/``.
+Ctrl-C or SIGTERM stops everything it started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from policy.daemon import ping
+from policy.mailtree import TreeLoader
+from policy.render import EximSite, render_exim
+
+EXIM_USER = "Debian-exim"
+
+
+class UpError(Exception):
+    pass
+
+
+def _traversable_by_others(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` that Exim's user cannot enter, if any."""
+    for parent in [*reversed(path.parents), path]:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return parent
+    return None
+
+
+def make_certificate(ssl_dir: Path, name: str) -> Path | None:
+    """A self-signed certificate for ``name`` in ssl/<name>/current/ unless one is there."""
+    current = ssl_dir / name / "current"
+    if (current / "chained").exists():
+        return None
+    version = ssl_dir / name / "self-signed"
+    version.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
+         "-keyout", str(version / "key"), "-out", str(version / "cert"), "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    shutil.copy(version / "cert", version / "chained")
+    shutil.chown(version / "key", "root", EXIM_USER)
+    os.chmod(version / "key", 0o640)
+    if not current.exists():
+        current.symlink_to("self-signed")
+    return version
+
+
+def _sink(state: Path, port: int) -> object:
+    from aiosmtpd.controller import Controller  # only `up` needs it
+
+    sink_dir = state / "sink"
+    sink_dir.mkdir(exist_ok=True)
+
+    class Keep:
+        count = 0
+
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            Keep.count += 1
+            name = sink_dir / f"{time.time():.6f}-{Keep.count}.eml"
+            mail_from = getattr(envelope, "mail_from", "")
+            rcpts = ", ".join(getattr(envelope, "rcpt_tos", []))
+            content = getattr(envelope, "content", b"") or b""
+            assert isinstance(content, bytes)
+            name.write_bytes(f"X-Sink-From: <{mail_from}>\nX-Sink-To: {rcpts}\n".encode()
+                             + content)  # fmt: skip
+            return "250 2.0.0 kept by the mailpolicy up sink"
+
+    controller = Controller(Keep(), hostname="127.0.0.1", port=port)
+    controller.start()
+    return controller
+
+
+def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain: str) -> int:
+    root_path = Path(root).resolve()
+    state_path = Path(state).resolve()
+    if not root_path.is_dir():
+        raise UpError(f"{root_path}: no such directory")
+    blocked = _traversable_by_others(root_path)
+    if blocked is not None:
+        raise UpError(f"{blocked} is not searchable by others: Exim ({EXIM_USER}) cannot reach "
+                      f"{root_path}; chmod o+x it or use a tree elsewhere")  # fmt: skip
+    exim = shutil.which("exim") or shutil.which("exim4")
+    if exim is None:
+        raise UpError("exim is not installed (scripts/setup.sh installs exim4-daemon-heavy)")
+    state_path.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_path, 0o755)  # noqa: S103 (Exim's user must reach the socket and the log)
+    log_dir = state_path / "log"
+    log_dir.mkdir(exist_ok=True)
+    for d in (log_dir, root_path / "exim" / "spool", root_path / "domains"):
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, EXIM_USER, EXIM_USER)
+
+    snapshot, _ = TreeLoader(str(root_path), primary_hostname).refresh()
+    names = sorted({*snapshot.users, *snapshot.aliases, primary_hostname})
+    made = [n for n in names if make_certificate(root_path / "ssl", n) is not None]
+
+    smtp, submission, sink_port = offset + 25, offset + 587, offset + 2525
+    sock = state_path / "policy.sock"
+    site = EximSite(
+        root=str(root_path), policy_socket=str(sock), primary_hostname=primary_hostname,
+        qualify_domain=qualify_domain, log_dir=str(log_dir), smtp_port=smtp,
+        submission_port=submission, interfaces=("127.0.0.1",), sink_port=sink_port,
+    )  # fmt: skip
+    conf = state_path / "exim.conf"
+    conf.write_text(render_exim(site))
+    check = subprocess.run([exim, "-C", str(conf), "-bV"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise UpError(f"exim -bV {conf}: {check.stdout}{check.stderr}")
+
+    procs: list[subprocess.Popen[bytes]] = []
+    controller = None
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        controller = _sink(state_path, sink_port)
+        policy = subprocess.Popen(
+            [sys.executable, "-m", "policy", "serve", "--root", str(root_path), "--socket",
+             str(sock), "--socket-group", EXIM_USER, "--primary-hostname", primary_hostname,
+             "--log-file", str(log_dir / "policy.log")],
+        )  # fmt: skip
+        procs.append(policy)
+        for _ in range(300):
+            if ping(str(sock)) is not None or policy.poll() is not None:
+                break
+            time.sleep(0.02)
+        if ping(str(sock)) is None:
+            raise UpError(f"the policy daemon did not start (see {log_dir / 'policy.log'})")
+        with (log_dir / "exim.stderr").open("ab") as err:
+            procs.append(subprocess.Popen([exim, "-C", str(conf), "-bdf", "-q30s"], stderr=err))
+        swaks = (f"swaks --server 127.0.0.1:{smtp} --helo client.example.net "
+                 "--from someone@remote.example --to alice@example.org")  # fmt: skip
+        print(f"""mailpolicy up: serving {root_path}
+  policy daemon  {sock} (log {log_dir / 'policy.log'})
+  Exim           SMTP 127.0.0.1:{smtp}, submission 127.0.0.1:{submission} (log {log_dir}/mainlog)
+  remote sink    127.0.0.1:{sink_port}: mail for other domains is kept in {state_path / 'sink'}
+  certificates   {', '.join(made) + ' made (self-signed)' if made else 'all present'}
+  local mail     {root_path / 'domains'}/<domain>/<user>/Maildir
+
+Send a message:
+  {swaks}
+
+Ctrl-C stops everything.""", flush=True)  # fmt: skip
+        while not stopping:
+            for p, what in zip(procs, ("the policy daemon", "Exim"), strict=False):
+                if p.poll() is not None:
+                    raise UpError(f"{what} exited with {p.returncode} (logs: {log_dir})")
+            time.sleep(0.2)
+        return 0
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if controller is not None:
+            controller.stop()  # type: ignore[attr-defined]
