@@ -31,11 +31,25 @@ EXAMPLE = REPO / "examples" / "srv-mail"
 PRIMARY_HOSTNAME = "mail.example.org"
 
 
+def copy_example(dest: Path) -> Path:
+    """A copy of the example tree without what `mailpolicy up` may have left in it (spool,
+    Maildirs, certificates): the admin's files only, as a fresh checkout has them."""
+
+    def state(directory: str, names: list[str]) -> list[str]:
+        rel = Path(directory).relative_to(EXAMPLE).as_posix()
+        if rel in ("exim/spool", "domains"):
+            return [n for n in names if n != ".gitkeep"]
+        if rel == "ssl":
+            return [n for n in names if (Path(directory) / n).is_dir()]
+        return []
+
+    shutil.copytree(EXAMPLE, dest, ignore=state)
+    return dest
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    root = tmp_path / "srv-mail"
-    shutil.copytree(EXAMPLE, root)
-    return root
+    return copy_example(tmp_path / "srv-mail")
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 
-from policy.render import EximSite, render_exim
-from tests.conftest import EXAMPLE, REPO, wait_for_ping
+from policy.render import EximSite, render, render_exim
+from tests.conftest import REPO, copy_example, wait_for_ping
 
 EXIM = shutil.which("exim") or shutil.which("exim4") or "exim"
 PRIMARY = "mail.example.org"
@@ -158,15 +158,55 @@ def message(sender: str, rcpt: str, marker: str) -> bytes:
     return msg.as_bytes()
 
 
+TLS_NAMES = (PRIMARY, "example.org", "example.net")
+
+
+def make_cert(root: Path, name: str, version: str = "v1") -> Path:
+    """A self-signed certificate for ``name`` (CN and subjectAltName, EC P-256, 2 days) in
+    ``<root>/ssl/<name>/<version>/{ca,cert,key,chained,req}``, made the active one by switching
+    the ``current`` symlink atomically (a new link renamed over the old one). Returns the
+    version directory. The key is 0640 root:Debian-exim: Exim reads it as Debian-exim."""
+    site = root / "ssl" / name
+    new = site / version
+    new.mkdir(parents=True)
+    key, cert, req = new / "key", new / "cert", new / "req"
+    subject = ["-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "2", "-keyout", str(key), "-out", str(cert), *subject],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), "-out", str(req), *subject],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    shutil.copyfile(cert, new / "ca")  # self-signed: the certificate is its own CA
+    (new / "chained").write_bytes(cert.read_bytes())  # cert + chain; no intermediate here
+    shutil.chown(key, "root", "Debian-exim")
+    os.chmod(key, 0o640)
+    link = site / f".current.{version}.tmp"
+    link.symlink_to(version)
+    link.rename(site / "current")  # rename(2) replaces the old link atomically
+    return new
+
+
 @contextlib.contextmanager
-def exim_stack(relay_from: tuple[str, ...] = ()) -> Iterator[Stack]:
+def exim_stack(
+    relay_from: tuple[str, ...] = (), certs: bool = False, native_template: str | None = None
+) -> Iterator[Stack]:
+    """``certs``: make a certificate for each of TLS_NAMES (make_cert) before Exim starts.
+    ``native_template``: run this configuration instead of exim/configure (the benchmark's
+    native-lookup baseline), rendered with the same values."""
     base = Path(tempfile.mkdtemp(prefix="mx.", dir="/tmp"))
     os.chmod(base, 0o755)  # Debian-exim must traverse it
     root = base / "srv"
-    shutil.copytree(EXAMPLE, root)
+    copy_example(root)  # without what `mailpolicy up` may have left in the example tree
     if relay_from:
         with (root / "exim" / "conf" / "relay_from_hosts").open("a") as f:
             f.write("".join(f"{ip}\n" for ip in relay_from))
+    if certs:
+        for name in TLS_NAMES:
+            make_cert(root, name)
     for sub in ("exim/spool", "domains"):
         (root / sub).mkdir(parents=True, exist_ok=True)
         shutil.chown(root / sub, "Debian-exim", "Debian-exim")
@@ -183,7 +223,15 @@ def exim_stack(relay_from: tuple[str, ...] = ()) -> Iterator[Stack]:
         qualify_domain="example.org", log_dir=str(base / "log"), smtp_port=stack.smtp_port,
         submission_port=stack.submission_port, interfaces=("127.0.0.1",), sink_port=sink_port,
     )  # fmt: skip
-    stack.conf.write_text(render_exim(site))
+    if native_template is None:
+        stack.conf.write_text(render_exim(site))
+    else:
+        stack.conf.write_text(render(native_template, {
+            "ROOT": site.root, "SUBMISSION_PORT": str(site.submission_port),
+            "SINK_PORT": str(sink_port), "PRIMARY_HOSTNAME": PRIMARY,
+            "QUALIFY_DOMAIN": site.qualify_domain, "LOG_DIR": site.log_dir,
+            "SMTP_PORTS": f"{site.smtp_port} : {site.submission_port}",
+        }))  # fmt: skip
     try:
         check = subprocess.run([EXIM, "-C", str(stack.conf), "-bV"], capture_output=True,
                                text=True)  # fmt: skip
