@@ -44,25 +44,42 @@ def _traversable_by_others(path: Path) -> Path | None:
     return None
 
 
-def make_certificate(ssl_dir: Path, name: str) -> Path | None:
-    """A self-signed certificate for ``name`` in ssl/<name>/current/ unless one is there."""
-    current = ssl_dir / name / "current"
-    if (current / "chained").exists():
-        return None
-    version = ssl_dir / name / "self-signed"
-    version.mkdir(parents=True, exist_ok=True)
+def make_certificate(ssl_dir: Path, name: str, version: str = "self-signed",
+                     days: int = 365) -> Path:  # fmt: skip
+    """A self-signed certificate for ``name`` (CN and subjectAltName, EC P-256) in
+    ``<ssl_dir>/<name>/<version>/{ca,cert,key,chained,req}`` (the seed's layout), made the active
+    one by switching the ``current`` symlink atomically (a new link renamed over the old one),
+    as an admin rolls certificates over. The key is 0640 root:Debian-exim: Exim reads it."""
+    site = ssl_dir / name
+    new = site / version
+    new.mkdir(parents=True)
+    key, cert, req = new / "key", new / "cert", new / "req"
+    subject = ["-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"]
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
-         "-keyout", str(version / "key"), "-out", str(version / "cert"), "-subj", f"/CN={name}",
-         "-addext", f"subjectAltName=DNS:{name}"],
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", str(days), "-keyout", str(key), "-out", str(cert), *subject],
         check=True, capture_output=True,
     )  # fmt: skip
-    shutil.copy(version / "cert", version / "chained")
-    shutil.chown(version / "key", "root", EXIM_USER)
-    os.chmod(version / "key", 0o640)
-    if not current.exists():
-        current.symlink_to("self-signed")
-    return version
+    subprocess.run(
+        ["openssl", "req", "-new", "-key", str(key), "-out", str(req), *subject],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    shutil.copyfile(cert, new / "ca")  # self-signed: the certificate is its own CA
+    shutil.copyfile(cert, new / "chained")  # cert + chain; no intermediate here
+    shutil.chown(key, "root", EXIM_USER)
+    os.chmod(key, 0o640)
+    link = site / f".current.{version}.tmp"
+    link.symlink_to(version)
+    link.rename(site / "current")  # rename(2) replaces the old link atomically
+    return new
+
+
+def ensure_certificate(ssl_dir: Path, name: str) -> bool:
+    """Make a self-signed certificate for ``name`` unless it has one; True when made."""
+    if (ssl_dir / name / "current" / "chained").exists():
+        return False
+    make_certificate(ssl_dir, name, version=f"self-signed-{int(time.time())}")
+    return True
 
 
 def _sink(state: Path, port: int) -> object:
@@ -112,7 +129,7 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
 
     snapshot, _ = TreeLoader(str(root_path), primary_hostname).refresh()
     names = sorted({*snapshot.users, *snapshot.aliases, primary_hostname})
-    made = [n for n in names if make_certificate(root_path / "ssl", n) is not None]
+    made = [n for n in names if ensure_certificate(root_path / "ssl", n)]
 
     smtp, submission, sink_port = offset + 25, offset + 587, offset + 2525
     sock = state_path / "policy.sock"

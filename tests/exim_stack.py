@@ -24,6 +24,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 
 from policy.render import EximSite, render, render_exim
+from policy.up import make_certificate
 from tests.conftest import REPO, copy_example, wait_for_ping
 
 EXIM = shutil.which("exim") or shutil.which("exim4") or "exim"
@@ -162,32 +163,8 @@ TLS_NAMES = (PRIMARY, "example.org", "example.net")
 
 
 def make_cert(root: Path, name: str, version: str = "v1") -> Path:
-    """A self-signed certificate for ``name`` (CN and subjectAltName, EC P-256, 2 days) in
-    ``<root>/ssl/<name>/<version>/{ca,cert,key,chained,req}``, made the active one by switching
-    the ``current`` symlink atomically (a new link renamed over the old one). Returns the
-    version directory. The key is 0640 root:Debian-exim: Exim reads it as Debian-exim."""
-    site = root / "ssl" / name
-    new = site / version
-    new.mkdir(parents=True)
-    key, cert, req = new / "key", new / "cert", new / "req"
-    subject = ["-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}"]
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-keyout", str(key), "-out", str(cert), *subject],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(
-        ["openssl", "req", "-new", "-key", str(key), "-out", str(req), *subject],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    shutil.copyfile(cert, new / "ca")  # self-signed: the certificate is its own CA
-    (new / "chained").write_bytes(cert.read_bytes())  # cert + chain; no intermediate here
-    shutil.chown(key, "root", "Debian-exim")
-    os.chmod(key, 0o640)
-    link = site / f".current.{version}.tmp"
-    link.symlink_to(version)
-    link.rename(site / "current")  # rename(2) replaces the old link atomically
-    return new
+    """A 2-day self-signed certificate for ``name``, made current (policy.up.make_certificate)."""
+    return make_certificate(root / "ssl", name, version, days=2)
 
 
 @contextlib.contextmanager

@@ -17,11 +17,9 @@ import pytest
 
 from tests.conftest import REPO
 
-EXIM = shutil.which("exim") or shutil.which("exim4")
+# scripts/setup.sh installs exim4-daemon-heavy: a missing exim fails these tests, never skips.
+EXIM = shutil.which("exim") or shutil.which("exim4") or "exim"
 pytestmark = pytest.mark.integration
-
-if EXIM is None:  # scripts/setup.sh installs exim4-daemon-heavy; only a bare checkout lacks it
-    pytest.skip("exim4 is not installed (run scripts/setup.sh)", allow_module_level=True)
 
 
 def doc_blocks(marker: str) -> list[str]:

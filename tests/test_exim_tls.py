@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -19,9 +18,6 @@ import pytest
 from tests.exim_stack import PRIMARY, Stack, exim_stack, make_cert, message
 
 pytestmark = pytest.mark.integration
-
-if shutil.which("exim") is None:  # scripts/setup.sh installs exim4-daemon-heavy
-    pytest.skip("exim4 is not installed (run scripts/setup.sh)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
