@@ -139,6 +139,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     limits = Limits(settings.alias_max_depth, settings.alias_max_targets)
     verdict = None
     for stage, header in (
+        ("CONNECT", f"connection from {args.ip or 'local submission'}"),
         ("MAIL", f"MAIL FROM:<{args.sender}>"),
         ("RCPT", f"RCPT TO:<{args.rcpt}>"),
     ):
@@ -150,6 +151,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         verdict = evaluate(ctx, trace)
         for name, result in trace:
             print(_describe(name, result))
+        if not trace:
+            print("  no checks at this stage")
         if verdict.action is not Action.ACCEPT:
             break
     assert verdict is not None

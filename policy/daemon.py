@@ -74,16 +74,31 @@ class Policy:
                            time.monotonic_ns() - started_ns)  # fmt: skip
         verb = request.verb
         f = request.fields
-        if verb == "RCPT" or verb == "MAIL":
-            ctx = Context(verb, f["ip"], f["sender"], f.get("rcpt", ""), f.get("helo", ""),
-                          f.get("auth", ""), self.snapshot, self.limits)  # fmt: skip
+        if verb == "RCPT" or verb == "MAIL" or verb == "CONNECT":
+            g = f.get
+            ctx = Context(verb, f["ip"], g("sender", ""), g("rcpt", ""), g("helo", ""),
+                          g("auth", ""), self.snapshot, self.limits)  # fmt: skip
             v = evaluate(ctx)
             return protocol.render_verdict(v), (
                 verb, ctx.ip, ctx.sender, ctx.rcpt, v.status.prefix[:-1], v.check, v.reason,
                 v.source, time.monotonic_ns() - started_ns)  # fmt: skip
+        if verb == "DATA":
+            return self._data(f, started_ns)
         if verb == "ALIAS":
             return self._alias(f["addr"], started_ns)
         return protocol.render_pong(f"mailpolicy {__version__}"), None
+
+    def _data(self, f: dict[str, str], started_ns: int) -> tuple[bytes, Decision]:
+        ctx = Context("DATA", f["ip"], f["sender"], "", f.get("helo", ""), f.get("auth", ""),
+                      self.snapshot, self.limits, message_id=f.get("id", ""),
+                      size=int(f.get("size") or 0), rcpt_count=int(f["rcpts"]))  # fmt: skip
+        v = evaluate(ctx)
+        # The log line names the message, so a refusal can be found by Exim's message id.
+        what = f"id={ctx.message_id or '-'} size={ctx.size} rcpts={ctx.rcpt_count}"
+        reason = f"{what}; {v.reason}" if v.reason else what
+        return protocol.render_verdict(v), (
+            "DATA", ctx.ip, ctx.sender, "", v.status.prefix[:-1], v.check, reason, v.source,
+            time.monotonic_ns() - started_ns)  # fmt: skip
 
     def _alias(self, addr: str, started_ns: int) -> tuple[bytes, Decision]:
         reason = ""

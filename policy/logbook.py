@@ -76,7 +76,7 @@ def format_decision(d: Decision, t: float, clock: Callable[[float], str] = _time
     stage, ip, sender, rcpt, verdict, check, reason, source, ns = d
     # ip passed the protocol's [0-9A-Za-z.:_%-] check; check and source are ours.
     # What an SMTP client chose (sender, rcpt, and the verdict and reason quoting them) is escaped.
-    shown_sender = quote("<" + sender + ">") if stage in ("MAIL", "RCPT") else "-"
+    shown_sender = quote("<" + sender + ">") if stage in ("MAIL", "RCPT", "DATA") else "-"
     return (
         f"{clock(t)} decision stage={stage} ip={ip or '-'} "
         f"sender={shown_sender} rcpt={quote('<' + rcpt + '>') if rcpt else '-'} "

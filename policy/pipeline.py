@@ -11,11 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from policy.checks import Context, Result, recipient, relay, restricted_characters, sender_verify
-from policy.verdict import OK_RCPT, OK_SENDER, Status, Verdict, defer
+from policy.verdict import OK_CONNECT, OK_DATA, OK_RCPT, OK_SENDER, Status, Verdict, defer
 
 Check = tuple[str, Callable[[Context], Result]]
 
+# CONNECT and DATA have no checks of their own yet (sender authentication and content scanning
+# come to DATA): asking at those stages still makes the daemon's health part of every session,
+# so a daemon that cannot answer turns a new connection away with a 4xx before the client sends
+# anything, and a message is not taken unless the daemon saw it and logged its id.
 STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
+    "CONNECT": ((), OK_CONNECT),
     "MAIL": (((sender_verify.NAME, sender_verify.check),), OK_SENDER),
     "RCPT": (
         (
@@ -25,6 +30,7 @@ STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
         ),
         OK_RCPT,
     ),
+    "DATA": ((), OK_DATA),
 }
 
 

@@ -56,7 +56,14 @@ FIELDS: dict[str, bool] = {
     "rcpt": True,
     "auth": True,
     "addr": True,
+    # DATA: Exim's message id, the message size in bytes and the number of recipients.
+    "id": False,
+    "size": False,
+    "rcpts": False,
 }
+# Plain fields that must be a decimal number.
+_NUMERIC = frozenset({"size", "rcpts"})
+_NUMBER = re.compile(rb"[0-9]{1,15}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +74,16 @@ class VerbSpec:
 
 VERBS: dict[str, VerbSpec] = {
     "PING": VerbSpec(frozenset()),
+    # SMTP connection: the client's ip (empty for locally submitted mail).
+    "CONNECT": VerbSpec(frozenset({"ip"})),
     # MAIL FROM stage: ip of the client, envelope sender ("" for <>), optional HELO and login.
     "MAIL": VerbSpec(frozenset({"ip", "sender"}), frozenset({"helo", "auth"})),
     # RCPT TO stage: as MAIL plus the recipient.
     "RCPT": VerbSpec(frozenset({"ip", "sender", "rcpt"}), frozenset({"helo", "auth"})),
+    # End of DATA (the message is on Exim's spool): as MAIL plus id, size and recipient count.
+    "DATA": VerbSpec(
+        frozenset({"ip", "sender", "rcpts"}), frozenset({"helo", "auth", "id", "size"})
+    ),
     # Router lookup: where does this address go? (alias expansion, rewrite domains)
     "ALIAS": VerbSpec(frozenset({"addr"})),
 }
@@ -149,6 +162,8 @@ def parse(line: bytes) -> Request:
         else:
             if not _PLAIN_VALUE.fullmatch(raw):
                 raise ProtocolError(f"field {name!r} has characters not allowed in it")
+            if name in _NUMERIC and not _NUMBER.fullmatch(raw):
+                raise ProtocolError(f"field {name!r} is not a number")
             fields[name] = raw.decode("ascii")
     if len(fields) < len(allowed):  # some field absent: is it a required one?
         missing = VERBS[verb].required - fields.keys()

@@ -52,8 +52,10 @@ class Status:
 
 
 # The statuses the daemon uses, named for what they mean (RFC 3463 / RFC 5248 codes).
+OK_CONNECT = Status(220, "0.0")  # service ready
 OK_RCPT = Status(250, "1.5")  # destination address valid
 OK_SENDER = Status(250, "1.0")  # originator ok
+OK_DATA = Status(250, "0.0")  # message accepted
 USER_UNKNOWN = Status(550, "1.1")  # bad destination mailbox address
 BAD_ADDRESS_SYNTAX = Status(550, "1.3")  # bad destination mailbox address syntax
 RELAY_DENIED = Status(550, "7.1")  # delivery not authorized

@@ -126,6 +126,17 @@ class Stack:
         client.ehlo("client.example.net")
         return client
 
+    def greeting(self, source: str = "127.0.0.2", port: int | None = None) -> tuple[int, bytes]:
+        """The server's greeting to a new connection (Exim's connect ACL answers it)."""
+        client = smtplib.SMTP(timeout=30, source_address=(source, 0))
+        try:
+            return client.connect("127.0.0.1", port or self.smtp_port)
+        except smtplib.SMTPConnectError as e:
+            error = e.smtp_error
+            return e.smtp_code, error if isinstance(error, bytes) else error.encode()
+        finally:
+            client.close()
+
     def maildir(self, domain: str, user: str) -> list[bytes]:
         new = self.root / "domains" / domain / user / "Maildir" / "new"
         return [p.read_bytes() for p in sorted(new.iterdir())] if new.is_dir() else []

@@ -429,6 +429,8 @@ def test_explain_accepted_user(tree: Path) -> None:
     assert r.rc == 0
     n = line_of(tree / "passwd/example.org", "alice:")
     assert r.lines == [
+        "connection from 203.0.113.5",
+        "  no checks at this stage",
         "MAIL FROM:<x@remote.example>",
         "  sender_verify: pass: x@remote.example is not exempt from sender verification "
         "(callout not built yet: accepted)",
@@ -569,7 +571,7 @@ def test_explain_null_sender_and_missing_root(tree: Path, tmp_path: Path) -> Non
         "--rcpt", "bob@example.org",
     )  # fmt: skip
     assert r.rc == 0
-    assert r.lines[:2] == [
+    assert r.lines[2:4] == [
         "MAIL FROM:<>",
         "  sender_verify: pass: null sender <> is never verified",
     ]

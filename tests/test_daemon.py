@@ -477,6 +477,27 @@ def test_one_log_line_per_decision(shared: Daemon) -> None:
     assert bad["check"] == "protocol" and "unknown verb" in unquote(bad["reason"])
 
 
+def test_connect_and_data_stages(shared: Daemon) -> None:
+    """CONNECT and DATA are answered (Exim asks at every stage) and DATA's log line names the
+    message by Exim's id, so an admin can follow a message from Exim's log to ours."""
+    tok = f"1{os.getpid()}x{time.monotonic_ns()}"
+    assert exchange(shared.socket, encode_request("CONNECT", ip=FOREIGN_IP)).startswith(
+        b"ACCEPT 220 2.0.0 "
+    )
+    assert exchange(shared.socket, encode_request("CONNECT", ip="")).startswith(b"ACCEPT 220 ")
+    data = encode_request(
+        "DATA", ip=FOREIGN_IP, sender="x@remote.example", rcpts="2", id=tok, size="1234"
+    )
+    assert exchange(shared.socket, data).startswith(b"ACCEPT 250 2.0.0 ")
+    # Required fields and numbers are enforced like everywhere else.
+    bad = exchange(shared.socket, b"DATA ip= sender= size=12\n")
+    assert bad.startswith(DEFER_PROTOCOL) and b"missing field 'rcpts'" in bad
+    (line,) = decisions_with(wait_lines(shared, tok, 1), tok)
+    assert line["stage"] == "DATA" and line["ip"] == FOREIGN_IP
+    assert unquote(line["verdict"]) == "ACCEPT 250 2.0.0"
+    assert unquote(line["reason"]) == f"id={tok} size=1234 rcpts=2"
+
+
 def test_hostile_values_cannot_forge_log_lines(shared: Daemon) -> None:
     tok = f"h{os.getpid()}x{time.monotonic_ns()}"
     forged = (

@@ -4,6 +4,7 @@ never lost when the daemon is in trouble."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -59,6 +60,28 @@ def test_multi_target_alias_reaches_everyone(stack: Stack) -> None:
     send(stack, "someone@remote.example", ["sales@example.org"], mark)
     stack.wait_maildir("example.org", "bob", mark)
     stack.wait_maildir("example.net", "carol", mark)
+
+
+def test_every_stage_asks_the_daemon_and_data_names_the_message(stack: Stack) -> None:
+    """One session = CONNECT, MAIL, RCPT (x2) and DATA requests; the DATA decision carries
+    Exim's message id, size and recipient count, so Exim's log and ours can be joined."""
+    mark = marker()
+    sender = f"{mark}@remote.example"
+    with stack.smtp() as client:
+        client.mail(sender)
+        assert client.rcpt("alice@example.org")[0] == 250
+        assert client.rcpt("bob@example.org")[0] == 250
+        assert client.data(message(sender, "alice@example.org", mark))[0] == 250
+    stack.wait_maildir("example.org", "bob", mark)
+    (exim_id,) = re.findall(rf"^\S+ \S+ (\S+) <= {re.escape(sender)} ", stack.mainlog(), re.M)
+    log = (stack.base / "policy.log").read_text()
+    (data,) = [line for line in log.splitlines() if f"id={exim_id} " in line]
+    assert "stage=DATA ip=127.0.0.2 " in data and f"sender=<{sender}>" in data
+    assert 'verdict="ACCEPT 250 2.0.0"' in data and "rcpts=2" in data
+    assert re.search(r"size=[1-9][0-9]* ", data)
+    stages = re.findall(rf"stage=(\w+) [^\n]*{re.escape(mark)}", log)
+    assert stages.count("MAIL") == 1 and stages.count("RCPT") == 2
+    assert "stage=CONNECT ip=127.0.0.2 " in log
 
 
 def test_unknown_user_550(stack: Stack) -> None:
@@ -139,12 +162,11 @@ def test_daemon_down_defers_then_the_retry_is_delivered(stack: Stack) -> None:
     mark = marker()
     stack.stop_policy()
     try:
-        with stack.smtp() as client:
-            code, text = client.mail("someone@remote.example")
-        assert (code, text) == (451, b"4.3.0 policy daemon unavailable")
-        with stack.smtp(RELAY_CLIENT) as client:  # relaying is deferred too, never accepted
-            code, text = client.mail("alice@example.org")
-        assert (code, text) == (451, b"4.3.0 policy daemon unavailable")
+        # Exim asks the daemon at connect: new sessions are turned away with a 4xx before
+        # they send anything, relay clients too (tests/test_exim_failsafe.py covers the later
+        # stages, with sessions opened while the daemon was up).
+        for source in ("127.0.0.2", RELAY_CLIENT):
+            assert stack.greeting(source) == (451, b"4.3.0 policy daemon unavailable")
     finally:
         stack.start_policy()
     # The sender's retry, with the daemon back: delivered, nothing lost.

@@ -36,8 +36,10 @@ log_file_path = {base}/log/%slog
 host_lookup =
 rfc1413_hosts =
 keep_environment =
+acl_smtp_connect = acl_check_connect
 acl_smtp_mail = acl_check_mail
 acl_smtp_rcpt = acl_check_rcpt
+acl_smtp_data = acl_check_data
 
 begin acl
 {acls}
@@ -62,7 +64,7 @@ def exim_conf(short_dir: Path, tree: Path, start_daemon):  # type: ignore[no-unt
         shutil.chown(short_dir / sub, "Debian-exim", "Debian-exim")
     acls = doc_blocks("acl")
     router = doc_blocks("router")
-    assert len(acls) == 2 and len(router) == 1, "docs/protocol.md lost its Exim blocks"
+    assert len(acls) == 5 and len(router) == 1, "docs/protocol.md lost its Exim blocks"
     daemon = start_daemon(tree, "--socket-group", "Debian-exim")
     conf = short_dir / "exim.conf"
     conf.write_text(
@@ -72,18 +74,24 @@ def exim_conf(short_dir: Path, tree: Path, start_daemon):  # type: ignore[no-unt
     return conf, daemon
 
 
-def smtp_session(conf: Path, ip: str, *commands: str) -> list[str]:
+def all_replies(conf: Path, ip: str, *commands: str) -> list[str]:
+    """The final reply lines ("250 ...", not "250-...") of an `exim -bh` session, banner first."""
     script = "EHLO client.example\r\n" + "".join(c + "\r\n" for c in commands) + "QUIT\r\n"
     out = subprocess.run(
         [EXIM, "-C", str(conf), "-bh", ip], input=script.encode(), capture_output=True, timeout=60
     ).stdout.decode()
-    # Final reply lines only ("250 ...", not "250-..."), minus the banner, EHLO and QUIT.
-    replies = [ln for ln in out.splitlines() if re.match(r"^\d{3} ", ln)]
+    return [ln for ln in out.splitlines() if re.match(r"^\d{3} ", ln)]
+
+
+def smtp_session(conf: Path, ip: str, *commands: str) -> list[str]:
+    """The replies to ``commands`` (minus the banner, EHLO and QUIT)."""
+    replies = all_replies(conf, ip, *commands)
+    assert replies[0].startswith("220 "), replies
     return replies[2:-1]
 
 
-def test_rcpt_acl_takes_the_daemons_answers(exim_conf) -> None:  # type: ignore[no-untyped-def]
-    conf, _ = exim_conf
+def test_acls_take_the_daemons_answers(exim_conf) -> None:  # type: ignore[no-untyped-def]
+    conf, daemon = exim_conf
     replies = smtp_session(
         conf,
         "203.0.113.5",
@@ -93,6 +101,11 @@ def test_rcpt_acl_takes_the_daemons_answers(exim_conf) -> None:  # type: ignore[
         "RCPT TO:<friend@far.example>",
         "RCPT TO:<a%b@example.org>",
         "RCPT TO:<info+x@example.org>",
+        "DATA",
+        "Subject: test",
+        "",
+        "hello",
+        ".",
     )
     assert replies[0].startswith("250")  # MAIL
     assert replies[1].startswith("250 Accepted")
@@ -100,6 +113,12 @@ def test_rcpt_acl_takes_the_daemons_answers(exim_conf) -> None:  # type: ignore[
     assert replies[3] == "550 5.7.1 relay not permitted"
     assert replies[4] == "550 5.1.3 restricted characters in address"
     assert replies[5].startswith("250 Accepted")
+    assert replies[6].startswith("354 ")
+    assert replies[7].startswith("250 OK id=")  # the DATA ACL accepted
+    daemon.stop()
+    log = daemon.log_text()
+    assert "stage=CONNECT ip=203.0.113.5 " in log
+    assert re.search(r"stage=DATA ip=203\.0\.113\.5 .* reason=\"id=\S+ size=\d+ rcpts=2\"", log)
 
 
 def test_relay_from_hosts_relays(exim_conf) -> None:  # type: ignore[no-untyped-def]
@@ -124,8 +143,9 @@ def test_hostile_local_part_reaches_the_daemon_intact(exim_conf) -> None:  # typ
 def test_daemon_down_defers_and_never_accepts(exim_conf) -> None:  # type: ignore[no-untyped-def]
     conf, daemon = exim_conf
     daemon.stop()
-    replies = smtp_session(conf, "203.0.113.5", "MAIL FROM:<someone@remote.example>")
-    assert replies[0] == "451 4.3.0 policy daemon unavailable"
+    # The connect ACL answers the greeting with the defer and Exim closes the connection.
+    replies = all_replies(conf, "203.0.113.5", "MAIL FROM:<someone@remote.example>")
+    assert replies == ["451 4.3.0 policy daemon unavailable"]
 
 
 def test_empty_or_garbage_reply_defers(exim_conf, short_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -155,11 +175,11 @@ def test_empty_or_garbage_reply_defers(exim_conf, short_dir: Path) -> None:  # t
         t = threading.Thread(target=serve, daemon=True)
         t.start()
         try:
-            replies = smtp_session(conf, "203.0.113.5", "MAIL FROM:<someone@remote.example>")
+            replies = all_replies(conf, "203.0.113.5", "MAIL FROM:<someone@remote.example>")
         finally:
             srv.close()
             path.unlink()
-        assert replies[0] == "451 4.3.0 policy daemon gave no valid answer", answer
+        assert replies == ["451 4.3.0 policy daemon gave no valid answer"], answer
 
 
 def route(conf: Path, *addresses: str) -> str:

@@ -135,14 +135,13 @@ def always(answer: bytes) -> Callable[[bytes], bytes]:
 
 
 def accept_mail_and_rcpt(alias_answer: bytes) -> Callable[[bytes], bytes]:
-    """A daemon that lets everything in and answers ALIAS with ``alias_answer``."""
+    """A daemon that lets everything in at every stage and answers ALIAS with
+    ``alias_answer``."""
 
     def reply(request: bytes) -> bytes:
-        if request.startswith(b"MAIL "):
-            return b"ACCEPT 250 2.1.0 ok\n"
-        if request.startswith(b"RCPT "):
-            return b"ACCEPT 250 2.1.5 ok\n"
-        return alias_answer
+        if request.startswith(b"ALIAS "):
+            return alias_answer
+        return b"ACCEPT 250 2.0.0 ok\n"
 
     return reply
 
@@ -209,11 +208,24 @@ def expect_defer(answer: tuple[int, bytes], what: str) -> None:
     assert 400 <= code < 500, f"{what}: expected a 4xx, got {code} {text!r}"
 
 
-def open_at_rcpt(stack: Stack, source: str, sender: str) -> smtplib.SMTP:
-    """A session whose MAIL the (working) daemon has already accepted."""
+def open_session(stack: Stack, source: str, sender: str | None = None,
+                 rcpt: str | None = None) -> smtplib.SMTP:  # fmt: skip
+    """A session the (working) daemon has let in, up to MAIL and RCPT when given."""
     client = stack.smtp(source)
-    assert client.docmd(f"MAIL FROM:<{sender}>")[0] == 250
+    if sender is not None:
+        assert client.docmd(f"MAIL FROM:<{sender}>")[0] == 250
+    if rcpt is not None:
+        assert client.docmd(f"RCPT TO:<{rcpt}>")[0] == 250
     return client
+
+
+def check_connect_deferred(stack: Stack, source: str) -> None:
+    expect_defer(stack.greeting(source), f"greeting to {source}")
+
+
+def check_mail_deferred(client: smtplib.SMTP, sender: str) -> None:
+    with client:
+        expect_defer(client.docmd(f"MAIL FROM:<{sender}>"), f"MAIL {sender}")
 
 
 def check_rcpt_deferred(client: smtplib.SMTP, rcpt: str) -> None:
@@ -224,34 +236,47 @@ def check_rcpt_deferred(client: smtplib.SMTP, rcpt: str) -> None:
         assert code != 354 and code // 100 != 2, (code, text)
 
 
-def check_mail_deferred(stack: Stack, source: str, sender: str) -> None:
-    with stack.smtp(source) as client:
-        expect_defer(client.docmd(f"MAIL FROM:<{sender}>"), f"MAIL from {source}")
+def check_data_deferred(client: smtplib.SMTP, body: bytes) -> None:
+    with client:
+        assert client.docmd("DATA")[0] == 354
+        client.send(body.replace(b"\n", b"\r\n") + b".\r\n")
+        expect_defer(client.getreply(), "end of DATA")
 
 
 def run_fault(stack: Stack, inject: Callable[[], FakeDaemon | None]) -> FakeDaemon | None:
-    """Open an outsider session and a relay session with MAIL already accepted, inject the
-    fault, then: RCPT in both sessions and MAIL in new ones must get a 4xx. The four checks run
-    concurrently (a hanging daemon costs Exim's readsocket timeout once, not four times).
-    The real daemon is back at the end, and the retried messages are delivered."""
+    """Open sessions the working daemon lets in, each waiting at one stage, inject the fault,
+    then every stage must get a 4xx: the greeting of new connections (outsider and relay
+    client), MAIL and RCPT in both kinds of session, and the end of DATA. The checks run
+    concurrently (a hanging daemon costs Exim's readsocket timeout once, not seven times).
+    The real daemon is back at the end, and the retried messages are delivered, once."""
     mark = marker()
-    outsider = open_at_rcpt(stack, OUTSIDER, "someone@remote.example")
-    relay = open_at_rcpt(stack, RELAY_CLIENT, "alice@example.org")
+    outsider_sender, relay_sender = "someone@remote.example", "alice@example.org"
+    body = message(outsider_sender, "bob@example.org", mark)
+    sessions = [
+        open_session(stack, OUTSIDER),
+        open_session(stack, RELAY_CLIENT),
+        open_session(stack, OUTSIDER, outsider_sender),
+        open_session(stack, RELAY_CLIENT, relay_sender),
+        open_session(stack, OUTSIDER, outsider_sender, "bob@example.org"),
+    ]
     fake = None
     try:
         fake = inject()
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(7) as pool:
             futures = [
-                pool.submit(check_rcpt_deferred, outsider, "bob@example.org"),
-                pool.submit(check_rcpt_deferred, relay, "friend@far.example"),
-                pool.submit(check_mail_deferred, stack, OUTSIDER, "someone@remote.example"),
-                pool.submit(check_mail_deferred, stack, RELAY_CLIENT, "alice@example.org"),
+                pool.submit(check_connect_deferred, stack, OUTSIDER),
+                pool.submit(check_connect_deferred, stack, RELAY_CLIENT),
+                pool.submit(check_mail_deferred, sessions[0], outsider_sender),
+                pool.submit(check_mail_deferred, sessions[1], relay_sender),
+                pool.submit(check_rcpt_deferred, sessions[2], "bob@example.org"),
+                pool.submit(check_rcpt_deferred, sessions[3], "friend@far.example"),
+                pool.submit(check_data_deferred, sessions[4], body),
             ]
             for f in futures:
                 f.result()
     finally:
-        outsider.close()
-        relay.close()
+        for client in sessions:
+            client.close()
         if fake is not None:
             fake.stop()
         if stack.policy_socket.exists() and not stack.policy_socket.is_socket():
@@ -260,12 +285,20 @@ def run_fault(stack: Stack, inject: Callable[[], FakeDaemon | None]) -> FakeDaem
             stack.start_policy()
     assert not [m for m in stack.sink.messages if "friend@far.example" in m[1] and
                 mark.encode() in m[2]]  # fmt: skip
-    # The senders retry with the daemon back: delivered, nothing lost.
-    send(stack, OUTSIDER, "someone@remote.example", "bob@example.org", mark)
-    send(stack, RELAY_CLIENT, "alice@example.org", "friend@far.example", mark)
+    # The senders retry with the daemon back: delivered, nothing lost, and the message
+    # deferred at DATA was not kept (bob gets it once, from the retry).
+    send(stack, OUTSIDER, outsider_sender, "bob@example.org", mark)
+    send(stack, RELAY_CLIENT, relay_sender, "friend@far.example", mark)
     stack.wait_maildir("example.org", "bob", mark)
     assert stack.wait_sink(mark)[1] == ["friend@far.example"]
+    time.sleep(0.5)  # a wrongly kept copy would be delivered by now (queue run every 2 s)
+    copies = [m for m in stack.maildir("example.org", "bob") if mark.encode() in m]
+    assert len(copies) == 1, f"{len(copies)} copies of {mark}"
     return fake
+
+
+# Every stage asks once; the sessions above make Exim ask each verb this many times.
+ALL_STAGES = ["CONNECT", "CONNECT", "DATA", "MAIL", "MAIL", "RCPT", "RCPT"]
 
 
 def test_daemon_stopped(stack: Stack) -> None:
@@ -289,7 +322,7 @@ def test_daemon_hangs_longer_than_exim_timeout(stack: Stack) -> None:
     started = time.monotonic()
     fake = run_fault(stack, lambda: replace_daemon(stack, always(HANG)))
     assert time.monotonic() - started >= EXIM_READSOCKET_TIMEOUT
-    assert fake is not None and sorted(fake.verbs()) == ["MAIL", "MAIL", "RCPT", "RCPT"]
+    assert fake is not None and sorted(fake.verbs()) == ALL_STAGES
 
 
 @pytest.mark.parametrize("answer", list(GARBAGE.values()) + list(CRLF_TRICKS.values()),
@@ -297,7 +330,7 @@ def test_daemon_hangs_longer_than_exim_timeout(stack: Stack) -> None:
 def test_daemon_answers_garbage(stack: Stack, answer: bytes) -> None:
     fake = run_fault(stack, lambda: replace_daemon(stack, always(answer)))
     # The fault was really exercised: Exim asked the fake at both stages.
-    assert fake is not None and sorted(fake.verbs()) == ["MAIL", "MAIL", "RCPT", "RCPT"]
+    assert fake is not None and sorted(fake.verbs()) == ALL_STAGES
 
 
 def read_reply(client: smtplib.SMTP) -> list[bytes]:
@@ -317,15 +350,26 @@ def read_reply(client: smtplib.SMTP) -> list[bytes]:
      b"DEFER 250 2.1.5 fine\n", b"DEFER 550 5.1.1 no such user\n"],
     ids=["lf", "crlf", "2xx-code", "5xx-code"],
 )  # fmt: skip
-def test_every_reply_line_is_4xx(stack: Stack, answer: bytes) -> None:
+@pytest.mark.parametrize("stage", ["CONNECT", "MAIL"])
+def test_every_reply_line_is_4xx(stack: Stack, answer: bytes, stage: str) -> None:
     """A multi-line DEFER text becomes a multi-line reply and every line carries the 4xx code
     (`451-4.3.0 busy` / `451 4.3.0 250 2.1.5 ok`); a DEFER with a code of the wrong class gets
-    Exim's 451 (mainlog: `configured error code starts with incorrect digit (expected 4)`)."""
-    fake = replace_daemon(stack, always(answer))
+    Exim's 451 (mainlog: `configured error code starts with incorrect digit (expected 4)`).
+    At CONNECT the lines are the greeting, at MAIL the reply to MAIL FROM."""
+
+    def reply(request: bytes) -> bytes:
+        return answer if request.startswith(stage.encode()) else b"ACCEPT 250 2.0.0 ok\n"
+
+    fake = replace_daemon(stack, reply)
     try:
-        with stack.smtp(OUTSIDER) as client:
-            client.putcmd("MAIL", "FROM:<someone@remote.example>")
-            lines = read_reply(client)
+        if stage == "CONNECT":
+            with socket.create_connection(("127.0.0.1", stack.smtp_port), timeout=30,
+                                          source_address=(OUTSIDER, 0)) as s:  # fmt: skip
+                lines = [line for line in s.makefile("rb").read().split(b"\n") if line]
+        else:
+            with stack.smtp(OUTSIDER) as client:
+                client.putcmd("MAIL", "FROM:<someone@remote.example>")
+                lines = read_reply(client)
     finally:
         fake.stop()
         stack.start_policy()
@@ -376,18 +420,24 @@ def test_alias_routing_with_the_daemon_up_never_defers(stack: Stack) -> None:
     ids=["daemon-gone", "empty", "garbage", "defer", "lf-then-found", "hang"],
 )
 def test_alias_router_defers_then_delivers(stack: Stack, alias_answer: bytes | None) -> None:
-    """The message is accepted (the fake says ACCEPT at MAIL and RCPT); routing info@example.org
+    """The message is accepted (the fake says ACCEPT at every stage); routing info@example.org
     then finds no (or no valid) ALIAS answer: the address is deferred ("==" in mainlog), never
     bounced ("**") and never delivered anywhere. With the real daemon back, a forced delivery
     reaches alice and bob (the alias's targets)."""
     mark = marker()
-    fake = replace_daemon(stack, accept_mail_and_rcpt(alias_answer or b""))
+    reply = accept_mail_and_rcpt(alias_answer or b"")
+    if alias_answer is None:  # the daemon goes away between accepting the message and routing
+
+        def reply(request: bytes, accept: Callable[[bytes], bytes] = reply) -> bytes:
+            if request.startswith(b"DATA "):
+                stack.policy_socket.unlink()  # the next connect finds no socket
+            return accept(request)
+
+    fake = replace_daemon(stack, reply)
     try:
         with stack.smtp(OUTSIDER) as client:
             assert client.docmd("MAIL FROM:<someone@remote.example>")[0] == 250
             assert client.docmd("RCPT TO:<info@example.org>")[0] == 250
-            if alias_answer is None:  # the daemon goes away between RCPT and routing
-                fake.stop()
             code, _ = client.data(message("someone@remote.example", "info@example.org", mark))
             assert code == 250
         msgid = message_id(stack, mark)
@@ -485,15 +535,22 @@ def test_hostile_sender_reaches_the_daemon_intact(stack: Stack) -> None:
 def test_base64_is_what_exim_sends(stack: Stack) -> None:
     """The fake daemon sees the raw request: every client-controlled field is base64 and the
     line has no byte outside printable ASCII (the quoted local part cannot split it)."""
-    fake = replace_daemon(stack, always(b"DEFER 451 4.3.0 fake\n"))
+
+    def reply(request: bytes) -> bytes:
+        return (
+            b"ACCEPT 220 2.0.0 ok\n" if request.startswith(b"CONNECT ") else b"DEFER 451 4.3.0 x\n"
+        )
+
+    fake = replace_daemon(stack, reply)
     try:
         with stack.smtp(OUTSIDER) as client:
             client.docmd('MAIL FROM:<"s p=a\\\\ce"@remote.example>')
     finally:
         fake.stop()
         stack.start_policy()
-    assert len(fake.requests) == 1, fake.requests
-    request = fake.requests[0]
+    assert [r.split(b" ")[0] for r in fake.requests] == [b"CONNECT", b"MAIL"], fake.requests
+    assert fake.requests[0] == f"CONNECT ip={OUTSIDER}\n".encode()
+    request = fake.requests[1]
     assert request.endswith(b"\n") and all(0x20 <= b < 0x7F for b in request[:-1]), request
     fields = dict(f.split(b"=", 1) for f in request[:-1].split(b" ")[1:])
     assert base64.b64decode(fields[b"sender"]) == b'"s p=a\\\\ce"@remote.example'

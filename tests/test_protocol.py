@@ -49,6 +49,9 @@ hostile_text = (
 )
 field_value = st.one_of(free_text, hostile_text)
 ip_value = st.text(IP_ALPHABET, max_size=45)
+number_value = st.integers(0, 10**15 - 1).map(str)
+message_id = st.text("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-", max_size=23)
+PLAIN_VALUES = {"ip": ip_value, "id": message_id, "size": number_value, "rcpts": number_value}
 
 
 @st.composite
@@ -57,7 +60,7 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, str]]:
     spec = VERBS[verb]
     names = sorted(spec.required) + [n for n in sorted(spec.optional) if draw(st.booleans())]
     names = draw(st.permutations(names))
-    fields = {n: draw(ip_value if not FIELDS[n] else field_value) for n in names}
+    fields = {n: draw(PLAIN_VALUES[n] if not FIELDS[n] else field_value) for n in names}
     return verb, fields
 
 
@@ -96,6 +99,14 @@ def test_round_trip_keeps_invalid_utf8_bytes(raw: bytes) -> None:
     value = raw.decode("utf-8", "surrogateescape")
     req = parse(encode_request("ALIAS", addr=value))
     assert req.fields["addr"].encode("utf-8", "surrogateescape") == raw
+
+
+@pytest.mark.parametrize("value", ["", "-1", "1.5", "0x10", "1e3", "1234567890123456", "+1"])
+def test_numeric_fields_must_be_numbers(value: str) -> None:
+    for name in ("size", "rcpts"):
+        fields = {"ip": "192.0.2.1", "sender": "", "rcpts": "1", name: value}
+        with pytest.raises(ProtocolError, match=f"{name}.*(number|not allowed)"):
+            parse(encode_request("DATA", **fields))
 
 
 def test_round_trip_examples() -> None:
@@ -306,5 +317,5 @@ def test_render_pong_is_one_safe_line(version: str) -> None:
 def test_encode_request_encodes_exactly_the_b64_fields() -> None:
     line = encode_request("RCPT", ip="192.0.2.1", sender="a b", rcpt="c", helo="", auth="x")
     assert line == b"RCPT ip=192.0.2.1 sender=YSBi rcpt=Yw== helo= auth=eA==\n"
-    assert {n for n, enc in FIELDS.items() if not enc} == {"ip"}
+    assert {n for n, enc in FIELDS.items() if not enc} == set(PLAIN_VALUES)
     assert protocol.parse(line).fields["sender"] == "a b"

@@ -33,6 +33,10 @@ class Context:
     snapshot: Snapshot
     limits: Limits
     target: Target | None = None
+    # DATA only: Exim's message id, the size in bytes and the number of recipients.
+    message_id: str = ""
+    size: int = 0
+    rcpt_count: int = 0
     relayed: bool = False
     # The recipient split once at the last "@", domain lower-cased (every check needs them).
     rcpt_local: str = field(init=False)
