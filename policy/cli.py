@@ -31,6 +31,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "socket": getattr(args, "socket", None),
         "socket_mode": getattr(args, "socket_mode", None),
         "socket_group": getattr(args, "socket_group", None),
+        "auth_socket": getattr(args, "auth_socket", None),
+        "auth_socket_group": getattr(args, "auth_socket_group", None),
         "log_file": getattr(args, "log_file", None),
         "primary_hostname": getattr(args, "primary_hostname", None),
     }
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common, sock], help="run the policy daemon")
     s.add_argument("--socket-mode", help="octal mode of the socket (default 0660)")
     s.add_argument("--socket-group", help="group of the socket")
+    s.add_argument("--auth-socket", help="serve logins (AUTH/USER) on this Unix socket")
+    s.add_argument("--auth-socket-group", help="group of the auth socket (Debian: dovecot)")
     s.add_argument("--log-file", help="decision log (default: standard error)")
     s.add_argument("--primary-hostname", help="our own host name (a local domain)")
     s.set_defaults(func=cmd_serve)

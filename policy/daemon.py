@@ -35,6 +35,7 @@ import time
 
 from policy import __version__, protocol
 from policy.aliases import Limits, ResolveError, resolve
+from policy.auth import Authenticator, Outcome, ThrottleSettings
 from policy.checks import Context
 from policy.logbook import Decision, Logbook
 from policy.mailtree import Snapshot, TreeLoader
@@ -74,6 +75,8 @@ class Policy:
                            time.monotonic_ns() - started_ns)  # fmt: skip
         verb = request.verb
         f = request.fields
+        if verb not in protocol.POLICY_VERBS:
+            return self._wrong_socket(verb, started_ns)
         if verb == "RCPT" or verb == "MAIL" or verb == "CONNECT":
             g = f.get
             ctx = Context(verb, f["ip"], g("sender", ""), g("rcpt", ""), g("helo", ""),
@@ -87,6 +90,13 @@ class Policy:
         if verb == "ALIAS":
             return self._alias(f["addr"], started_ns)
         return protocol.render_pong(f"mailpolicy {__version__}"), None
+
+    @staticmethod
+    def _wrong_socket(verb: str, started_ns: int) -> tuple[bytes, Decision]:
+        error = protocol.ProtocolError(f"verb {verb} is not served on this socket")
+        reply = protocol.render_error(error)
+        return reply, ("-", "", "", "", reply[:-1].decode(), "protocol", str(error), "",
+                       time.monotonic_ns() - started_ns)  # fmt: skip
 
     def _data(self, f: dict[str, str], started_ns: int) -> tuple[bytes, Decision]:
         ctx = Context("DATA", f["ip"], f["sender"], "", f.get("helo", ""), f.get("auth", ""),
@@ -122,12 +132,14 @@ class Policy:
 class Connection(asyncio.Protocol):
     """One client: read one line (or up to EOF), answer, close."""
 
-    __slots__ = ("buf", "daemon", "done", "started", "transport")
+    __slots__ = ("auth", "buf", "daemon", "deadline_ns", "done", "started", "transport")
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, auth: bool = False) -> None:
         self.daemon = daemon
+        self.auth = auth  # a connection to the auth socket (Dovecot)
+        self.deadline_ns = daemon.auth_deadline_ns if auth else daemon.deadline_ns
         self.buf = b""
-        self.done = False
+        self.done = False  # the reply is written (or no more input is taken)
         self.started = 0
         self.transport: asyncio.Transport | None = None
 
@@ -168,6 +180,9 @@ class Connection(asyncio.Protocol):
     def respond(self, line: bytes) -> None:
         self.done = True
         d = self.daemon
+        if self.auth:
+            d.answer_auth(self, line)
+            return
         try:
             reply, record = d.policy.answer(line, self.started)
         except Exception as e:  # never fail open, never hang: our trouble is a 4xx
@@ -191,8 +206,17 @@ class Connection(asyncio.Protocol):
         if record is not None:
             d.log.decision(record)
 
+    def finish(self, reply: bytes, record: Decision | None) -> None:
+        """The answer of a request answered later (a login): written unless the deadline or
+        shutdown answered first (then the late result is only logged)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(reply)
+            self.transport.close()
+        if record is not None:
+            self.daemon.log.decision(record)
+
     def expire(self, reply: bytes = _TIMEOUT, reason: str = "request deadline passed") -> None:
-        if not self.done and self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.done = True
             self.transport.write(reply)
             self.transport.close()
@@ -224,25 +248,52 @@ class Daemon:
             self.log.event(f"problem {problem}")
         self.connections: set[Connection] = set()
         self.overloads = 0
-        self._lock_fd = -1
-        self._sock: socket.socket | None = None
-        self._sock_ino = -1
+        self._locks: list[int] = []
+        self._bound: list[tuple[str, int, socket.socket]] = []
+        self.auth_sock: socket.socket | None = None
+        self.deadline_ns = int(settings.request_deadline * 1e9)
+        self.auth_deadline_ns = int(settings.auth_deadline * 1e9)
+        self.auth = Authenticator(
+            lambda: self.policy.snapshot,
+            realm=settings.auth_default_realm,
+            workers=settings.auth_workers,
+            cache_ttl=settings.auth_cache_ttl,
+            throttle=ThrottleSettings(settings.auth_throttle_free, settings.auth_throttle_base,
+                                      settings.auth_throttle_max, settings.auth_throttle_window),
+        )  # fmt: skip
+        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
         self._reload_lock: asyncio.Lock | None = None
         self._hup_tasks: set[asyncio.Task[None]] = set()
         self._root_missing = False
 
-    # --- socket ----------------------------------------------------------------------------
+    # --- sockets ---------------------------------------------------------------------------
 
     def bind(self) -> socket.socket:
-        path = self.settings.socket
+        """Exim's socket (and, when configured, the auth socket: ``self.auth_sock``)."""
+        st = self.settings
+        sock = self._bind(st.socket, st.socket_mode_int, st.socket_group, "socket_group")
+        if st.auth_socket:
+            try:
+                self.auth_sock = self._bind(
+                    st.auth_socket, int(st.auth_socket_mode, 8), st.auth_socket_group,
+                    "auth_socket_group",
+                )  # fmt: skip
+            except BaseException:
+                self.unbind()
+                raise
+        return sock
+
+    def _bind(self, path: str, mode: int, group: str, group_setting: str) -> socket.socket:
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        self._lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(lock_fd)
             raise DaemonError(f"another mailpolicy instance holds {path}.lock") from None
+        self._locks.append(lock_fd)
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise DaemonError(f"{path} exists and is not a socket; not removing it")
@@ -257,34 +308,85 @@ class Daemon:
             sock.bind(path)
         finally:
             os.umask(old)
-        if self.settings.socket_group:
+        if group:
             try:
-                gid = grp.getgrnam(self.settings.socket_group).gr_gid
+                gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 sock.close()
                 os.unlink(path)
-                raise DaemonError(
-                    f"socket_group {self.settings.socket_group!r}: no such group"
-                ) from None
+                raise DaemonError(f"{group_setting} {group!r}: no such group") from None
             os.chown(path, -1, gid)
-        os.chmod(path, self.settings.socket_mode_int)
-        self._sock_ino = os.lstat(path).st_ino
+        os.chmod(path, mode)
         sock.setblocking(False)
-        self._sock = sock
+        self._bound.append((path, os.lstat(path).st_ino, sock))
         return sock
 
     def unbind(self) -> None:
-        path = self.settings.socket
-        if self._sock is not None:
+        for path, ino, sock in self._bound:
             # Remove the socket file only if it is still ours (not replaced by someone else).
             with contextlib.suppress(OSError):
-                if os.lstat(path).st_ino == self._sock_ino:
+                if os.lstat(path).st_ino == ino:
                     os.unlink(path)
-            self._sock.close()
-            self._sock = None
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+            sock.close()
+        self._bound.clear()
+        for fd in self._locks:
+            os.close(fd)
+        self._locks.clear()
+
+    # --- logins ----------------------------------------------------------------------------
+
+    def answer_auth(self, conn: Connection, line: bytes) -> None:
+        """A request on the auth socket. PING and USER are answered at once; AUTH (hashing,
+        perhaps a throttle delay) is answered by a task, the connection's deadline still
+        running."""
+        started = conn.started
+        try:
+            request = protocol.parse(line)
+            if request.verb not in protocol.AUTH_VERBS:
+                raise protocol.ProtocolError(f"verb {request.verb} is not served on this socket")
+        except protocol.ProtocolError as e:
+            reply = protocol.render_error(e)
+            conn.finish(reply, ("-", "", "", "", reply[:-1].decode(), "protocol", str(e), "",
+                                time.monotonic_ns() - started))  # fmt: skip
+            return
+        f = request.fields
+        if request.verb == "PING":
+            conn.finish(protocol.render_pong(f"mailpolicy {__version__}"), None)
+        elif request.verb == "USER":
+            outcome = self.auth.lookup(f["user"])
+            conn.finish(*self._auth_reply("USER", "", f["user"], outcome, started))
+        else:
+            task = asyncio.get_running_loop().create_task(self._login(conn, f, started))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _login(self, conn: Connection, f: dict[str, str], started: int) -> None:
+        ip = f.get("ip", "")
+        try:
+            outcome = await self.auth.login(
+                f["user"], f["pass"].encode("utf-8", "surrogateescape"), ip
+            )
+        except Exception as e:  # never a FAIL for our own trouble
+            outcome = Outcome("DEFER", f["user"], reason=f"internal error: {type(e).__name__}: {e}")
+        conn.finish(*self._auth_reply("AUTH", ip, f["user"], outcome, started))
+
+    @staticmethod
+    def _auth_reply(
+        verb: str, ip: str, name: str, o: Outcome, started: int
+    ) -> tuple[bytes, Decision]:
+        if o.kind == "OK":
+            reply = protocol.render_ok(o.user, o.home)
+        elif o.kind == "FAIL":
+            reply = protocol.render_fail("authentication failed")
+        elif o.kind == "NOTFOUND":
+            reply = protocol.NOTFOUND
+        else:
+            reply = protocol.render_verdict(
+                defer("auth", o.reason, "temporary authentication failure")
+            )
+        shown = reply[:-1].decode() if o.kind == "DEFER" else o.kind
+        return reply, (verb, ip, "", o.user or name, shown, "auth", o.reason, o.source,
+                       time.monotonic_ns() - started)  # fmt: skip
 
     # --- running ---------------------------------------------------------------------------
 
@@ -293,9 +395,19 @@ class Daemon:
         sock = self.bind()
         self._stopping = asyncio.Event()
         self._reload_lock = asyncio.Lock()
-        server = await loop.create_unix_server(
-            lambda: Connection(self), sock=sock, backlog=self.settings.backlog
-        )
+        servers = [
+            await loop.create_unix_server(
+                lambda: Connection(self), sock=sock, backlog=self.settings.backlog
+            )
+        ]
+        if self.auth_sock is not None:
+            servers.append(
+                await loop.create_unix_server(
+                    lambda: Connection(self, auth=True),
+                    sock=self.auth_sock,
+                    backlog=self.settings.backlog,
+                )
+            )
         # The reload thread holds the GIL for up to this long while the event loop waits:
         # 5 ms by default, which showed as 5-10 ms p99 spikes during a reload.
         sys.setswitchinterval(0.0005)
@@ -305,8 +417,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         tasks = [asyncio.create_task(t) for t in (self._reload_loop(), self._sweep_loop())]
+        if self.auth_sock is not None:
+            # The first login should not pay for the dummy hash or the process pool's start.
+            loop.run_in_executor(self.auth.threads, self.auth.warm_up)
         self.log.event(
-            f"listening socket={self.settings.socket} root={self.settings.root} "
+            f"listening socket={self.settings.socket} "
+            f"auth_socket={self.settings.auth_socket or '-'} root={self.settings.root} "
             f"version={__version__} pid={os.getpid()}"
         )
         if ready is not None:
@@ -314,7 +430,8 @@ class Daemon:
         try:
             await self._stopping.wait()
         finally:
-            server.close()
+            for server in servers:
+                server.close()
             self.log.event("stopping: draining connections")
             deadline = loop.time() + self.settings.drain_timeout
             while self.connections and loop.time() < deadline:
@@ -335,6 +452,7 @@ class Daemon:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             self.unbind()
+            self.auth.close()
             self.log.event(f"stopped; {unfinished} unfinished requests deferred at shutdown")
             self.log.close()
 
@@ -400,12 +518,11 @@ class Daemon:
             await self._reload_logged()
 
     async def _sweep_loop(self) -> None:
-        deadline_ns = int(self.settings.request_deadline * 1e9)
         period = min(0.25, self.settings.request_deadline / 8)
         while True:
             await asyncio.sleep(period)
-            cutoff = time.monotonic_ns() - deadline_ns
-            for conn in [c for c in self.connections if c.started < cutoff]:
+            now = time.monotonic_ns()
+            for conn in [c for c in self.connections if now - c.started > c.deadline_ns]:
                 conn.expire()
             if self.overloads:  # one event per sweep, not one line per refused connection
                 self.log.event(f"overloaded: {self.overloads} connections deferred at once "

@@ -7,7 +7,10 @@ escaped, so a hostile address cannot forge a log line)::
       rcpt=<nobody@example.org> verdict="DENY 550 5.1.1" check=recipient
       reason="no user or alias 'nobody' in example.org" source=- duration_ms=0.084
 
-(one line in the file). The write system call stays off the request path: lines are collected
+(one line in the file). Login lines (stage AUTH or USER, from the auth socket) have
+``user=<login name>`` instead of sender and rcpt; a password is never logged.
+
+The write system call stays off the request path: lines are collected
 and written in one call every ``FLUSH_INTERVAL`` seconds (see ``Logbook`` for why they are
 formatted at once). Events are written at once.
 """
@@ -76,6 +79,14 @@ def format_decision(d: Decision, t: float, clock: Callable[[float], str] = _time
     stage, ip, sender, rcpt, verdict, check, reason, source, ns = d
     # ip passed the protocol's [0-9A-Za-z.:_%-] check; check and source are ours.
     # What an SMTP client chose (sender, rcpt, and the verdict and reason quoting them) is escaped.
+    if stage == "AUTH" or stage == "USER":  # logins: the user name, never the password
+        user = quote(rcpt) if rcpt else "-"
+        return (
+            f"{clock(t)} decision stage={stage} ip={ip or '-'} user={user} "
+            f"verdict={quote(verdict)} check={check or '-'} "
+            f"reason={quote(reason) if reason else '-'} "
+            f"source={source or '-'} duration_ms={ns / 1e6:.3f}\n"
+        )
     shown_sender = quote("<" + sender + ">") if stage in ("MAIL", "RCPT", "DATA") else "-"
     return (
         f"{clock(t)} decision stage={stage} ip={ip or '-'} "

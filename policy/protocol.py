@@ -23,7 +23,9 @@ Reply line (one line, LF-terminated, never a CR, LF or control character inside,
     DEFER  <code> <enhanced> <text>     e.g. DEFER 451 4.3.0 temporary local problem
     DENY   <code> <enhanced> <text>     e.g. DENY 550 5.1.1 <bob@example.org>: no such user
     FOUND <data>                        lookup verbs: the data (ALIAS: comma-separated addresses)
-    NOTFOUND                            lookup verbs: no such key
+    NOTFOUND                            lookup verbs: no such key (USER: no such user)
+    OK user=<b64> home=<b64>            AUTH/USER: the canonical user and its home
+    FAIL <text>                         AUTH: wrong password or unknown user
     PONG <version>                      PING
 
 Anything wrong with a request (unknown verb, unknown, missing or duplicate field, bad base64, a
@@ -56,6 +58,10 @@ FIELDS: dict[str, bool] = {
     "rcpt": True,
     "auth": True,
     "addr": True,
+    # AUTH/USER (the auth socket): login name, password, Dovecot's service (imap, smtp ...).
+    "user": True,
+    "pass": True,
+    "service": True,
     # DATA: Exim's message id, the message size in bytes and the number of recipients.
     "id": False,
     "size": False,
@@ -86,7 +92,14 @@ VERBS: dict[str, VerbSpec] = {
     ),
     # Router lookup: where does this address go? (alias expansion, rewrite domains)
     "ALIAS": VerbSpec(frozenset({"addr"})),
+    # Logins, on the auth socket only (policy/auth.py): a password check, and a lookup.
+    "AUTH": VerbSpec(frozenset({"user", "pass"}), frozenset({"service", "ip"})),
+    "USER": VerbSpec(frozenset({"user"}), frozenset({"service"})),
 }
+# Which verbs each socket answers: Exim's socket never checks passwords, Dovecot's never
+# decides about mail.
+POLICY_VERBS = frozenset({"PING", "CONNECT", "MAIL", "RCPT", "DATA", "ALIAS"})
+AUTH_VERBS = frozenset({"PING", "AUTH", "USER"})
 
 _PLAIN_VALUE = re.compile(rb"[0-9A-Za-z.:_%-]*")
 _PRINTABLE_BYTES = bytes(range(0x20, 0x7F))
@@ -202,6 +215,20 @@ def render_found(data: str) -> bytes:
 
 
 NOTFOUND = b"NOTFOUND\n"
+
+
+def render_ok(user: str, home: str) -> bytes:
+    """A login or lookup that found the user: canonical name and home directory."""
+    return b"OK user=%s home=%s\n" % (_b64(user), _b64(home))
+
+
+def render_fail(text: str) -> bytes:
+    """A definite wrong password or unknown user (the hook exits 1)."""
+    return f"FAIL {_printable(text) or '-'}\n".encode("ascii")
+
+
+def _b64(value: str) -> bytes:
+    return binascii.b2a_base64(value.encode("utf-8", "surrogateescape"), newline=False)
 
 
 def render_pong(version: str) -> bytes:

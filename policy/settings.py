@@ -61,6 +61,29 @@ class Settings:
     # Decision log: a file path, or "" for standard error.
     log_file: str = ""
 
+    # --- logins (policy/auth.py): Dovecot's hooks/checkpassword and Lua passdb ask here ---
+    # The auth socket, separate from Exim's: only it answers AUTH/USER, and only Dovecot's group
+    # may connect (a password oracle for nobody else). "" = no logins served.
+    auth_socket: str = ""
+    auth_socket_mode: str = "0660"
+    # Debian's Dovecot runs its auth processes (and the checkpassword hook) as "dovecot".
+    auth_socket_group: str = ""
+    # Seconds a login may take, throttle delay and hashing included. Below the hook's own
+    # 10 s timeout, so the hook gets our DEFER rather than timing out itself.
+    auth_deadline: float = 8.0
+    # Domain appended to a login name without one (the seed's dovecot:qualify_domain); "" = none.
+    auth_default_realm: str = ""
+    # Threads (argon2, bcrypt, PBKDF2) and processes (crypt(3) schemes) hashing passwords.
+    auth_workers: int = 2
+    # Seconds a correct login is remembered (0 = no cache); a password change ends it at once.
+    auth_cache_ttl: float = 300.0
+    # Throttle: failures allowed per IP and per user before delays start, the first delay
+    # (doubling per further failure), the longest delay, and how long failures are remembered.
+    auth_throttle_free: int = 3
+    auth_throttle_base: float = 0.5
+    auth_throttle_max: float = 4.0
+    auth_throttle_window: float = 900.0
+
     @property
     def hostname(self) -> str:
         return (self.primary_hostname or _socket.getfqdn()).lower().rstrip(".")
@@ -119,14 +142,40 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
         ) from None
     if mode & ~0o777:
         raise SettingsError(f"{where('socket_mode')}: socket_mode {s.socket_mode!r} out of range")
-    for name in ("request_deadline", "reload_interval", "drain_timeout"):
+    for name in ("request_deadline", "reload_interval", "drain_timeout", "auth_deadline"):
         if getattr(s, name) <= 0:
             raise SettingsError(f"{where(name)}: {name} must be positive")
     for name in ("max_connections", "backlog", "alias_max_depth", "alias_max_targets"):
         if getattr(s, name) < 1:
             raise SettingsError(f"{where(name)}: {name} must be at least 1")
-    if len(s.socket.encode()) > 107:
-        raise SettingsError(f"{where('socket')}: socket path longer than 107 bytes (AF_UNIX limit)")
+    for name in ("socket", "auth_socket"):
+        if len(getattr(s, name).encode()) > 107:
+            raise SettingsError(f"{where(name)}: socket path longer than 107 bytes (AF_UNIX limit)")
+    try:
+        auth_mode = int(s.auth_socket_mode, 8)
+    except ValueError:
+        auth_mode = -1
+    if not 0 <= auth_mode <= 0o777:
+        raise SettingsError(
+            f"{where('auth_socket_mode')}: auth_socket_mode {s.auth_socket_mode!r} is not octal"
+        )
+    for name in ("auth_cache_ttl", "auth_throttle_base", "auth_throttle_max"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{where(name)}: {name} must not be negative")
+    for name in ("auth_workers", "auth_throttle_window"):
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"{where(name)}: {name} must be positive")
+    if s.auth_throttle_free < 0:
+        raise SettingsError(f"{where('auth_throttle_free')}: auth_throttle_free must be >= 0")
+    # The longest throttle delay plus a slow hash (an ARGON2ID login is ~0.3 s) must fit in the
+    # deadline, or a throttled real user would only ever see DEFER.
+    if s.auth_throttle_max + 1.0 > s.auth_deadline:
+        raise SettingsError(
+            f"{where('auth_throttle_max')}: auth_throttle_max must be at least 1 s below "
+            f"auth_deadline ({s.auth_deadline})"
+        )
+    if s.auth_socket and s.auth_socket == s.socket:
+        raise SettingsError(f"{where('auth_socket')}: auth_socket must differ from socket")
 
 
 def show(s: Settings) -> str:

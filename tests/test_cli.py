@@ -1073,6 +1073,17 @@ def test_config_show(tmp_path: Path) -> None:
         "alias_max_depth = 10",
         "alias_max_targets = 1000",
         'log_file = ""',
+        'auth_socket = ""',
+        'auth_socket_mode = "0660"',
+        'auth_socket_group = ""',
+        "auth_deadline = 8.0",
+        'auth_default_realm = ""',
+        "auth_workers = 2",
+        "auth_cache_ttl = 300.0",
+        "auth_throttle_free = 3",
+        "auth_throttle_base = 0.5",
+        "auth_throttle_max = 4.0",
+        "auth_throttle_window = 900.0",
         '# effective primary_hostname: "mx.example.org"',
     ]
     r = mailpolicy("config", "show")  # /dev/null: every default
