@@ -66,3 +66,128 @@ def render_exim(site: EximSite, template: str | None = None) -> str:
             "LOG_DIR": site.log_dir,
         },
     )
+
+
+DOVECOT_TEMPLATE = REPO / "dovecot" / "dovecot.conf"
+_CERT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class DovecotSite:
+    """What differs between Dovecot installations (and between tests); docs/dovecot.md."""
+
+    root: str  # the mail data tree
+    primary_hostname: str  # its <root>/ssl/<name>/current is the certificate without SNI
+    qualify_domain: str  # auth_default_realm (seed key dovecot:qualify_domain); "" for none
+    base_dir: str = "/run/dovecot"
+    state_dir: str = "/var/lib/dovecot"
+    log_dir: str = "/var/log/dovecot"
+    instance_name: str = "dovecot"
+    # The policy daemon's auth socket, passed to the hook as MAILPOLICY_AUTH_SOCKET.
+    auth_socket: str = "/run/mailpolicy/auth.sock"
+    checkpassword: str = str(REPO / "hooks" / "checkpassword")
+    # Unix sockets for Exim: its lmtp transport and its `dovecot` authenticator (owner exim_user).
+    lmtp_socket: str = "/run/dovecot/exim-lmtp"
+    auth_client_socket: str = "/run/dovecot/exim-auth"
+    exim_user: str = "Debian-exim"
+    mail_user: str = "Debian-exim"  # storage owner: the user Exim's appendfile writes as
+    interfaces: tuple[str, ...] = ("*", "::")
+    imap_port: int = 143
+    imaps_port: int = 993
+    sieve_port: int = 4190
+    auth_failure_delay: str = "2 secs"
+    shipped_sieve_after: str = str(REPO / "dovecot" / "sieve" / "after")
+    postmaster_address: str = ""  # "" = postmaster@<qualify domain or primary hostname>
+    ssl_dh: str = "/usr/share/dovecot/dh.pem"  # left out when the file does not exist
+
+
+def dovecot_local_names(root: str) -> str:
+    """A ``local_name <name> { ssl_cert ssl_key }`` block for each ``<root>/ssl/<name>/current``
+    that has both files now (Dovecot chooses among them by SNI). Names that are not plain host
+    names are skipped: they would not match an SNI name and could break the file."""
+    blocks = []
+    ssl_dir = Path(root) / "ssl"
+    names = sorted(p.name for p in ssl_dir.iterdir()) if ssl_dir.is_dir() else []
+    for name in names:
+        current = ssl_dir / name / "current"
+        if not _CERT_NAME.match(name) or not (current / "chained").is_file():
+            continue
+        if not (current / "key").is_file():
+            continue
+        blocks.append(
+            f"local_name {name} {{\n"
+            f"  ssl_cert = <{ssl_dir}/{name}/current/chained\n"
+            f"  ssl_key = <{ssl_dir}/{name}/current/key\n"
+            "}\n"
+        )
+    return "".join(blocks) or "# (no <root>/ssl/*/current directories when rendered)\n"
+
+
+def render_dovecot(site: DovecotSite, template: str | None = None) -> str:
+    """The Dovecot configuration for ``site``. Looks at the data tree: the primary hostname's
+    certificate must exist (Dovecot would not start without it), and every other
+    ``<root>/ssl/*/current`` becomes an SNI block, so a new certificate directory needs a
+    re-render and ``doveadm reload`` (a switched ``current`` symlink needs only the reload)."""
+    import grp
+    import pwd
+
+    text = template if template is not None else DOVECOT_TEMPLATE.read_text()
+    primary = Path(site.root) / "ssl" / site.primary_hostname / "current"
+    for part in ("chained", "key"):
+        if not (primary / part).is_file():
+            raise RenderError(f"no certificate for the primary hostname: {primary / part}")
+    try:
+        mail = pwd.getpwnam(site.mail_user)
+        mail_group = grp.getgrgid(mail.pw_gid).gr_name
+    except KeyError:
+        raise RenderError(f"no user {site.mail_user} (or its group) on this system") from None
+    for name, value in (("root", site.root), ("checkpassword", site.checkpassword)):
+        if not value.startswith("/") or any(c in value for c in " %\"'<>{}#"):
+            raise RenderError(f"{name} must be an absolute path without spaces or % < > {{ }} #")
+    local_names = dovecot_local_names(site.root)
+    if "@@" in local_names:
+        raise RenderError("a certificate path contains @@")
+    text = text.replace("@@LOCAL_NAMES@@\n", local_names)
+    postmaster = site.postmaster_address or (
+        f"postmaster@{site.qualify_domain or site.primary_hostname}"
+    )
+    realm = (
+        f"auth_default_realm = {site.qualify_domain}"
+        if site.qualify_domain
+        else "# auth_default_realm: not set (no qualify domain)"
+    )
+
+    def listener(path: str) -> str:  # under base_dir: relative, as Dovecot asks
+        prefix = site.base_dir.rstrip("/") + "/"
+        return path[len(prefix) :] if path.startswith(prefix) else path
+
+    dh = f"ssl_dh = <{site.ssl_dh}" if site.ssl_dh and Path(site.ssl_dh).is_file() else ""
+    return render(
+        text,
+        {
+            "BASE_DIR": site.base_dir,
+            "STATE_DIR": site.state_dir,
+            "INSTANCE_NAME": site.instance_name,
+            "LOG_DIR": site.log_dir,
+            "LISTEN": ", ".join(site.interfaces),
+            "AUTH_SOCKET": site.auth_socket,
+            "SSL_DH": dh,
+            "ROOT": site.root,
+            "PRIMARY_HOSTNAME": site.primary_hostname,
+            "AUTH_FAILURE_DELAY": site.auth_failure_delay,
+            "AUTH_DEFAULT_REALM": realm,
+            "CHECKPASSWORD": site.checkpassword,
+            "MAIL_USER": site.mail_user,
+            "MAIL_GROUP": mail_group,
+            "MAIL_UID": str(mail.pw_uid),
+            "MAIL_GID": str(mail.pw_gid),
+            "EXIM_USER": site.exim_user,
+            "AUTH_CLIENT_SOCKET": listener(site.auth_client_socket),
+            "LMTP_SOCKET": listener(site.lmtp_socket),
+            "IMAP_PORT": str(site.imap_port),
+            "IMAPS_PORT": str(site.imaps_port),
+            "SIEVE_PORT": str(site.sieve_port),
+            "POSTMASTER": postmaster,
+            "SHIPPED_SIEVE_AFTER": site.shipped_sieve_after,
+        },
+    )
