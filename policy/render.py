@@ -47,11 +47,17 @@ class EximSite:
     # Port of a loopback SMTP sink that gets every non-local message instead of DNS routing
     # (`mailpolicy up` and the tests: nothing may leave the machine). None in production.
     sink_port: int | None = None
+    # Dovecot's sockets for Exim (DovecotSite.lmtp_socket / auth_client_socket): local users are
+    # delivered over LMTP and SMTP AUTH goes through Dovecot. None: Maildir appendfile, no AUTH.
+    lmtp_socket: str | None = None
+    dovecot_auth_socket: str | None = None
 
 
 def render_exim(site: EximSite, template: str | None = None) -> str:
     text = template if template is not None else EXIM_TEMPLATE.read_text()
     sink = f"LOOPBACK_SINK_PORT = {site.sink_port}" if site.sink_port is not None else ""
+    lmtp = f"DOVECOT_LMTP_SOCKET = {site.lmtp_socket}" if site.lmtp_socket else ""
+    auth = f"DOVECOT_AUTH_SOCKET = {site.dovecot_auth_socket}" if site.dovecot_auth_socket else ""
     return render(
         text,
         {
@@ -59,6 +65,8 @@ def render_exim(site: EximSite, template: str | None = None) -> str:
             "ROOT": site.root,
             "SUBMISSION_PORT": str(site.submission_port),
             "REMOTE_DELIVERY_MACRO": sink,
+            "LMTP_MACRO": lmtp,
+            "DOVECOT_AUTH_MACRO": auth,
             "PRIMARY_HOSTNAME": site.primary_hostname,
             "QUALIFY_DOMAIN": site.qualify_domain,
             "SMTP_PORTS": f"{site.smtp_port} : {site.submission_port}",
