@@ -10,6 +10,7 @@ import contextlib
 import imaplib
 import os
 import re
+import shutil
 import socket
 import ssl
 import stat
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from policy.render import DovecotSite, RenderError, render_dovecot
+from tests.conftest import copy_example
 from tests.dovecot_stack import DovecotStack, dovecot_stack
 from tests.exim_stack import PRIMARY, make_cert
 
@@ -106,14 +109,20 @@ def test_login(stack: DovecotStack, how: str, user: str) -> None:
 
 
 def test_wrong_password(stack: DovecotStack) -> None:
+    """Fails with AUTHENTICATIONFAILED, and at once: Dovecot's own per-IP auth penalty is off
+    (the daemon throttles, after auth_throttle_free = 3 failures); the harness sets
+    auth_failure_delay = 0."""
     client = stack.imaps()
     try:
-        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
-            client.login("alice@example.org", "not-alice-secret")
-        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
-            client.login("nobody@example.org", "whatever")
+        for user, password in (("carol@example.net", "not-carol-secret"),
+                               ("nobody@example.org", "whatever")):  # fmt: skip
+            started = time.monotonic()
+            with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+                client.login(user, password)
+            assert time.monotonic() - started < 1.5
+        assert client.login("carol@example.net", USERS["carol@example.net"])[0] == "OK"
     finally:
-        client.shutdown()
+        client.logout()
 
 
 def test_default_realm(stack: DovecotStack) -> None:
@@ -363,3 +372,67 @@ def test_auth_client_socket_for_exim(stack: DovecotStack) -> None:
     # without addresses, PLAIN succeeds (measured). It only marks the mechanisms "plaintext" in
     # its handshake; Exim must advertise AUTH only after TLS (docs/dovecot.md).
     assert auth_client(stack, "bob@example.org", "bob-secret", secured=False).startswith("OK")
+
+
+# --- the transition from Exim's own Maildir delivery ------------------------------------------
+
+
+def test_mail_written_by_exim_appendfile_is_readable(stack: DovecotStack) -> None:
+    """exim/configure's appendfile writes <home>/Maildir/new/<file>, 0660 Debian-exim: Dovecot
+    (mail_uid = Debian-exim) lists it, reads it and can move it to cur/ when it is seen."""
+    subject = marker()
+    new = stack.root / "domains" / "example.org" / "alice" / "Maildir" / "new"
+    new.mkdir(parents=True, exist_ok=True)
+    for d in (new.parent.parent, new.parent, new):
+        shutil.chown(d, "Debian-exim", "Debian-exim")
+    path = new / f"{int(time.time())}.M1P1.mail.example.org"
+    path.write_bytes(mail(subject, "alice@example.org"))
+    shutil.chown(path, "Debian-exim", "Debian-exim")
+    os.chmod(path, 0o660)
+    client = stack.imaps()
+    try:
+        client.login("alice@example.org", USERS["alice@example.org"])
+        client.select("INBOX")
+        typ, data = client.search(None, "SUBJECT", f'"{subject}"')
+        assert typ == "OK" and data[0]
+        typ, fetched = client.fetch(data[0].split()[0], "(BODY[])")  # sets \Seen: new -> cur
+        assert typ == "OK" and subject.encode() in fetched[0][1]  # type: ignore[index]
+    finally:
+        client.logout()
+    assert not path.exists()
+    assert any(p.name.startswith(path.name) for p in (new.parent / "cur").iterdir())
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def site_for(root: Path, **kw: object) -> DovecotSite:
+    return DovecotSite(root=str(root), primary_hostname=PRIMARY, **kw)  # type: ignore[arg-type]
+
+
+def test_render_needs_the_primary_certificate(tmp_path: Path) -> None:
+    root = copy_example(tmp_path / "srv")
+    with pytest.raises(RenderError, match="no certificate for the primary hostname"):
+        render_dovecot(site_for(root, qualify_domain="example.org"))
+
+
+def test_render_values(tmp_path: Path) -> None:
+    root = copy_example(tmp_path / "srv")
+    for name in (PRIMARY, "example.net"):
+        make_cert(root, name)
+    (root / "ssl" / "bad name").mkdir()
+    (root / "ssl" / "nocurrent.example").mkdir()
+    text = render_dovecot(site_for(root, qualify_domain=""))
+    assert "# auth_default_realm: not set" in text
+    assert "\nauth_default_realm" not in text
+    assert "auth_failure_delay = 2 secs" in text  # production default
+    assert "listen = *, ::" in text
+    assert re.findall(r"^local_name (\S+) \{$", text, re.M) == ["example.net", PRIMARY]
+    assert "unix_listener /run/dovecot/exim-lmtp {" not in text  # under base_dir: relative
+    assert "unix_listener exim-lmtp {" in text
+    assert f"postmaster_address = postmaster@{PRIMARY}" in text
+    with_realm = render_dovecot(site_for(root, qualify_domain="example.org"))
+    assert "\nauth_default_realm = example.org\n" in with_realm
+    assert "postmaster_address = postmaster@example.org" in with_realm
+    with pytest.raises(RenderError, match="absolute path"):
+        render_dovecot(site_for(root, qualify_domain="", checkpassword="hooks/checkpassword"))
