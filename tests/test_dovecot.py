@@ -150,7 +150,11 @@ def test_no_plaintext_login_before_tls(stack: DovecotStack) -> None:
         assert "STARTTLS" in client.capabilities
         typ, data = client._simple_command("LOGIN", "alice@example.org", '"alice-secret"')
         assert typ == "NO"
-        assert b"PRIVACYREQUIRED" in data[0] if data and data[0] else typ == "NO"
+        assert isinstance(data[0], bytes) and data[0].startswith(b"[PRIVACYREQUIRED]")
+        token = base64.b64encode(b"\0alice@example.org\0alice-secret").decode()
+        typ, data = client._simple_command("AUTHENTICATE", "PLAIN", token)  # SASL-IR
+        assert typ == "NO"
+        assert isinstance(data[0], bytes) and data[0].startswith(b"[PRIVACYREQUIRED]")
         client.starttls(ssl_context=stack.client_context())
         assert "LOGINDISABLED" not in client.capabilities
         assert client.login("alice@example.org", "alice-secret")[0] == "OK"
