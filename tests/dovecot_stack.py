@@ -3,14 +3,13 @@ policy.render.render_dovecot), with hooks/checkpassword asking the policy daemon
 socket, on a copy of examples/srv-mail. Started from a temporary directory (RECIPES.md
 section 5); nothing listens beyond 127.0.0.1.
 
-Until ``mailpolicy serve`` has ``--auth-socket``, the auth socket is served by ``FakeAuth``
-below (the daemon's AUTH/USER verbs over the same passwd files, with policy.passwords.verify),
-so the hook, Dovecot's environment passing and everything after it are the real thing.
+The policy daemon serves both its sockets: Exim's, and the auth socket hooks/checkpassword asks
+(group dovecot). The hook is given no ``--socket``: it finds the auth socket only through
+``MAILPOLICY_AUTH_SOCKET`` from dovecot.conf's import_environment, so every login tests that.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import imaplib
 import os
@@ -22,13 +21,11 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policy.passwords import verify
 from policy.render import DovecotSite, render_dovecot
 from tests.conftest import REPO, copy_example, wait_for_ping
 from tests.exim_stack import PRIMARY, TLS_NAMES, free_port, make_cert
@@ -38,80 +35,6 @@ DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
 DOVECONF = shutil.which("doveconf") or "/usr/bin/doveconf"
 
 
-def daemon_has_auth_socket() -> bool:
-    """Whether ``mailpolicy serve`` takes ``--auth-socket`` yet (being added elsewhere).
-    DOVECOT_STACK_FAKE_AUTH=1 uses FakeAuth anyway."""
-    if os.environ.get("DOVECOT_STACK_FAKE_AUTH") == "1":
-        return False
-    out = subprocess.run([sys.executable, "-m", "policy", "serve", "--help"], cwd=REPO,
-                         capture_output=True, text=True)  # fmt: skip
-    return "--auth-socket" in out.stdout
-
-
-def b64(value: bytes) -> str:
-    return base64.b64encode(value).decode()
-
-
-class FakeAuth:
-    """Stand-in for the daemon's auth socket: AUTH and USER over <root>/passwd/<domain>."""
-
-    def __init__(self, root: Path, path: Path) -> None:
-        self.root = root
-        self.path = path
-        self.requests: list[str] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        shutil.chown(path, "root", "dovecot")
-        os.chmod(path, 0o660)
-        self.sock.listen(16)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while chunk := conn.recv(4096):
-                    data += chunk
-                conn.sendall(self.answer(data.decode()))
-
-    def _lookup(self, user: str) -> str | None:
-        local, _, domain = user.lower().partition("@")
-        passwd = self.root / "passwd" / domain
-        if not domain or "/" in domain or not passwd.is_file():
-            return None
-        for line in passwd.read_text().splitlines():
-            name, sep, hash_ = line.partition(":")
-            if sep and not line.startswith("#") and name == local:
-                return hash_
-        return None
-
-    def answer(self, line: str) -> bytes:
-        self.requests.append(line.strip())
-        verb, *words = line.split()
-        fields = {k: base64.b64decode(v) for k, _, v in (w.partition("=") for w in words)
-                  if k != "ip"}  # fmt: skip
-        user = fields["user"].decode().lower()
-        hash_ = self._lookup(user)
-        local, _, domain = user.partition("@")
-        home = f"{self.root}/domains/{domain}/{local}".encode()
-        ok = f"OK user={b64(user.encode())} home={b64(home)}\n"
-        if verb == "USER":
-            return ok.encode() if hash_ else b"NOTFOUND\n"
-        if hash_ and verify(hash_, fields["pass"]):
-            return ok.encode()
-        return b"FAIL wrong user or password\n"
-
-
 @dataclass
 class DovecotStack:
     base: Path
@@ -119,7 +42,6 @@ class DovecotStack:
     conf: Path
     site: DovecotSite
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    fake_auth: FakeAuth | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -143,10 +65,7 @@ class DovecotStack:
                 "--socket", str(self.base / "policy.sock"), "--socket-group", "Debian-exim",
                 "--log-file", str(log), "--primary-hostname", PRIMARY,
                 "--config", os.devnull]  # fmt: skip
-        if daemon_has_auth_socket():
-            args += ["--auth-socket", self.site.auth_socket, "--auth-socket-group", "dovecot"]
-        else:
-            self.fake_auth = FakeAuth(self.root, Path(self.site.auth_socket))
+        args += ["--auth-socket", self.site.auth_socket, "--auth-socket-group", "dovecot"]
         proc = subprocess.Popen(args, cwd=REPO)
         self.procs["policy"] = proc
         wait_for_ping(self.base / "policy.sock", proc)
@@ -199,8 +118,10 @@ class DovecotStack:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        if self.fake_auth is not None:
-            self.fake_auth.close()
+
+    def policy_log(self) -> str:
+        path = self.base / "policy.log"
+        return path.read_text() if path.exists() else ""
 
     def log(self) -> str:
         path = self.base / "log" / "dovecot.log"
