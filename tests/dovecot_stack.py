@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policy.render import DovecotSite, render_dovecot
+from policy.render import DovecotSite, EximSite, render_dovecot, render_exim
 from tests.conftest import REPO, copy_example, wait_for_ping
-from tests.exim_stack import PRIMARY, TLS_NAMES, free_port, make_cert
+from tests.exim_stack import PRIMARY, TLS_NAMES, Sink, Stack, free_port, make_cert
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
@@ -192,3 +192,39 @@ def dovecot_stack(qualify_domain: str = "example.org") -> Iterator[DovecotStack]
     finally:
         stack.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exim_for(dv: DovecotStack, relay_from: tuple[str, ...] = ()) -> Iterator[Stack]:
+    """The real Exim with exim/configure in front of this Dovecot: local users delivered over
+    its LMTP socket, SMTP AUTH through its auth-client socket, the same policy daemon, and a
+    loopback sink for every other domain."""
+    from aiosmtpd.controller import Controller
+
+    logs = dv.base / "exim-log"
+    logs.mkdir(exist_ok=True)
+    spool = dv.root / "exim" / "spool"
+    spool.mkdir(parents=True, exist_ok=True)
+    for d in (logs, spool):
+        shutil.chown(d, "Debian-exim", "Debian-exim")
+    if relay_from:
+        with (dv.root / "exim" / "conf" / "relay_from_hosts").open("a") as f:
+            f.write("".join(f"{ip}\n" for ip in relay_from))
+    sink = Sink()
+    sink_port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=sink_port)
+    controller.start()
+    exim = Stack(dv.base, dv.root, dv.base / "exim.conf", free_port(), free_port(),
+                 dv.base / "policy.sock", sink, log_dir=logs)  # fmt: skip
+    exim.conf.write_text(render_exim(EximSite(
+        root=str(dv.root), policy_socket=str(exim.policy_socket), primary_hostname=PRIMARY,
+        qualify_domain="example.org", log_dir=str(logs), smtp_port=exim.smtp_port,
+        submission_port=exim.submission_port, interfaces=("127.0.0.1",), sink_port=sink_port,
+        lmtp_socket=dv.site.lmtp_socket, dovecot_auth_socket=dv.site.auth_client_socket,
+    )))  # fmt: skip
+    try:
+        exim.start_exim()
+        yield exim
+    finally:
+        exim.stop()
+        controller.stop()

@@ -59,6 +59,11 @@ class Stack:
     policy_socket: Path
     sink: Sink
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    log_dir: Path | None = None  # Exim's logs: <base>/log unless given
+
+    @property
+    def logs(self) -> Path:
+        return self.log_dir or self.base / "log"
 
     # --- the policy daemon --------------------------------------------------------------
 
@@ -84,7 +89,7 @@ class Stack:
     def start_exim(self) -> None:
         # stderr to a file: Exim says "exim user lost privilege for using -C option" at every
         # queue run (expected: the transports run as Debian-exim, RECIPES.md section 2).
-        with (self.base / "log" / "exim.stderr").open("ab") as err:
+        with (self.logs / "exim.stderr").open("ab") as err:
             proc = subprocess.Popen([EXIM, "-C", str(self.conf), "-bdf", "-q2s"], stderr=err)
         self.procs["exim"] = proc
         deadline = time.monotonic() + 15
@@ -99,11 +104,11 @@ class Stack:
         raise RuntimeError(f"Exim did not start: {self.mainlog()}{self.paniclog()}")
 
     def mainlog(self) -> str:
-        path = self.base / "log" / "mainlog"
+        path = self.logs / "mainlog"
         return path.read_text() if path.exists() else ""
 
     def paniclog(self) -> str:
-        path = self.base / "log" / "paniclog"
+        path = self.logs / "paniclog"
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:

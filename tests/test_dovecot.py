@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from policy.render import DovecotSite, EximSite, RenderError, render_dovecot, render_exim
+from policy.render import DovecotSite, RenderError, render_dovecot
 from tests.conftest import copy_example
-from tests.dovecot_stack import DovecotStack, dovecot_stack
-from tests.exim_stack import PRIMARY, Sink, Stack, free_port, make_cert
+from tests.dovecot_stack import DovecotStack, dovecot_stack, exim_for
+from tests.exim_stack import PRIMARY, make_cert
 
 pytestmark = pytest.mark.integration
 
@@ -452,23 +452,7 @@ def test_render_values(tmp_path: Path) -> None:
 def test_exim_delivers_by_lmtp_and_authenticates_by_dovecot(stack: DovecotStack) -> None:
     """The real Exim with exim/configure pointed at this Dovecot's sockets: a local delivery goes
     over LMTP (through sieve), SMTP AUTH on submission goes through the auth-client socket."""
-    logs = stack.base / "exim-log"
-    logs.mkdir()
-    spool = stack.root / "exim" / "spool"
-    spool.mkdir(parents=True, exist_ok=True)
-    for d in (logs, spool):
-        shutil.chown(d, "Debian-exim", "Debian-exim")
-    exim = Stack(stack.base, stack.root, stack.base / "exim.conf", free_port(), free_port(),
-                 stack.base / "policy.sock", Sink())  # fmt: skip
-    exim.conf.write_text(render_exim(EximSite(
-        root=str(stack.root), policy_socket=str(exim.policy_socket), primary_hostname=PRIMARY,
-        qualify_domain="example.org", log_dir=str(logs), smtp_port=exim.smtp_port,
-        submission_port=exim.submission_port, interfaces=("127.0.0.1",),
-        lmtp_socket=stack.site.lmtp_socket, dovecot_auth_socket=stack.site.auth_client_socket,
-    )))  # fmt: skip
-    (stack.base / "log" / "exim.stderr").touch()
-    try:
-        exim.start_exim()
+    with exim_for(stack) as exim:
         inbound, spam, submitted = marker(), marker(), marker()
         client = exim.smtp()
         client.sendmail("s@remote.example", ["alice@example.org"], mail(inbound, "alice@x"))
@@ -476,23 +460,20 @@ def test_exim_delivers_by_lmtp_and_authenticates_by_dovecot(stack: DovecotStack)
                         mail(spam, "alice@x", {"X-Spam-Flag": "YES"}))  # fmt: skip
         client.quit()
         client = exim.smtp(port=exim.submission_port)
-        client._host = PRIMARY  # smtplib's SNI
+        client._host = PRIMARY  # type: ignore[attr-defined]  # smtplib's SNI
         client.starttls(context=stack.client_context())
         client.ehlo("client.example.net")
         client.login("bob@example.org", USERS["bob@example.org"])
         client.sendmail("bob@example.org", ["carol@example.net"], mail(submitted, "carol@x"))
         client.quit()
         deadline = time.monotonic() + 20
-        mainlog = logs / "mainlog"
         while time.monotonic() < deadline:
-            text = mainlog.read_text() if mainlog.exists() else ""
+            text = exim.mainlog()
             if text.count("T=dovecot_lmtp") >= 3:
                 break
             time.sleep(0.05)
         assert text.count("T=dovecot_lmtp") == 3, text
         assert "A=dovecot_plain:bob@example.org" in text
-    finally:
-        exim.stop()
     assert mailbox_of(stack, "alice@example.org", inbound) == "INBOX"
     assert mailbox_of(stack, "alice@example.org", spam) == "Spam"
     assert mailbox_of(stack, "carol@example.net", submitted) == "INBOX"
