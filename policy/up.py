@@ -2,14 +2,19 @@
 README command (1).
 
 It renders the configurations into a state directory and starts, on 127.0.0.1 at the standard
-ports plus ``--port-offset`` (default 10000: SMTP 10025, submission 10587):
+ports plus ``--port-offset`` (default 10000: SMTP 10025, submission 10587, IMAP 10143, IMAPS
+10993, ManageSieve 14190):
 
-* the policy daemon on ``<state>/policy.sock`` (group Debian-exim, so Exim can ask it);
+* the policy daemon on ``<state>/policy.sock`` (group Debian-exim, so Exim can ask it) and
+  ``<state>/auth.sock`` (group dovecot: logins);
 * a loopback SMTP sink (aiosmtpd) that keeps every message for a non-local domain in
   ``<state>/sink/``: nothing ever leaves the machine;
-* Exim 4.96 with ``exim/configure``, delivering local mail to ``<root>/domains/``.
+* Dovecot 2.3 with ``dovecot/dovecot.conf`` (IMAP, IMAPS, ManageSieve, LMTP; logins through
+  ``hooks/checkpassword`` and the daemon);
+* Exim 4.96 with ``exim/configure``, delivering local mail over Dovecot's LMTP and
+  authenticating SMTP AUTH through Dovecot.
 
-Dovecot, clamd and spamd join as their issues land. A self-signed certificate is made for each
+clamd and spamd join as their issues land. A self-signed certificate is made for each
 local domain and the primary hostname that has none under ``<root>/ssl/<name>/current/``.
 Ctrl-C or SIGTERM stops everything it started.
 """
@@ -27,9 +32,11 @@ from pathlib import Path
 
 from policy.daemon import ping
 from policy.mailtree import TreeLoader
-from policy.render import EximSite, render_exim
+from policy.render import REPO, DovecotSite, EximSite, render_dovecot, render_exim
 
 EXIM_USER = "Debian-exim"
+DOVECOT_GROUP = "dovecot"
+HOOK = REPO / "hooks" / "checkpassword"
 
 
 class UpError(Exception):
@@ -107,6 +114,15 @@ def _sink(state: Path, port: int) -> object:
     return controller
 
 
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, log_dir: Path) -> None:
+    for _ in range(500):
+        if path.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    if not path.exists():
+        raise UpError(f"{what} did not start (logs: {log_dir})")
+
+
 def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain: str) -> int:
     root_path = Path(root).resolve()
     state_path = Path(state).resolve()
@@ -119,6 +135,15 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
     exim = shutil.which("exim") or shutil.which("exim4")
     if exim is None:
         raise UpError("exim is not installed (scripts/setup.sh installs exim4-daemon-heavy)")
+    dovecot = shutil.which("dovecot") or (
+        "/usr/sbin/dovecot" if os.path.exists("/usr/sbin/dovecot") else None
+    )
+    if dovecot is None:
+        raise UpError("dovecot is not installed (scripts/setup.sh installs the dovecot packages)")
+    blocked = _traversable_by_others(HOOK.parent)
+    if blocked is not None:
+        raise UpError(f"{blocked} is not searchable by others: Dovecot's auth process (user "
+                      f"dovecot) cannot run {HOOK}; chmod o+x it")  # fmt: skip
     state_path.mkdir(parents=True, exist_ok=True)
     os.chmod(state_path, 0o755)  # noqa: S103 (Exim's user must reach the socket and the log)
     log_dir = state_path / "log"
@@ -132,11 +157,27 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
     made = [n for n in names if ensure_certificate(root_path / "ssl", n)]
 
     smtp, submission, sink_port = offset + 25, offset + 587, offset + 2525
-    sock = state_path / "policy.sock"
+    imap, imaps, sieve = offset + 143, offset + 993, offset + 4190
+    sock, auth_sock = state_path / "policy.sock", state_path / "auth.sock"
+    dovecot_dir = state_path / "dovecot"
+    for sub in ("run", "state"):
+        (dovecot_dir / sub).mkdir(parents=True, exist_ok=True)
+    dovecot_site = DovecotSite(
+        root=str(root_path), primary_hostname=primary_hostname, qualify_domain=qualify_domain,
+        base_dir=str(dovecot_dir / "run"), state_dir=str(dovecot_dir / "state"),
+        log_dir=str(log_dir), instance_name=f"mailpolicy-up-{offset}",
+        auth_socket=str(auth_sock), checkpassword=str(HOOK),
+        lmtp_socket=str(dovecot_dir / "run" / "exim-lmtp"),
+        auth_client_socket=str(dovecot_dir / "run" / "exim-auth"),
+        interfaces=("127.0.0.1",), imap_port=imap, imaps_port=imaps, sieve_port=sieve,
+    )  # fmt: skip
+    dovecot_conf = state_path / "dovecot.conf"
+    dovecot_conf.write_text(render_dovecot(dovecot_site))
     site = EximSite(
         root=str(root_path), policy_socket=str(sock), primary_hostname=primary_hostname,
         qualify_domain=qualify_domain, log_dir=str(log_dir), smtp_port=smtp,
         submission_port=submission, interfaces=("127.0.0.1",), sink_port=sink_port,
+        lmtp_socket=dovecot_site.lmtp_socket, dovecot_auth_socket=dovecot_site.auth_client_socket,
     )  # fmt: skip
     conf = state_path / "exim.conf"
     conf.write_text(render_exim(site))
@@ -156,10 +197,13 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
     signal.signal(signal.SIGINT, stop)
     try:
         controller = _sink(state_path, sink_port)
+        settings = state_path / "mailpolicy.toml"
+        settings.write_text(f'auth_default_realm = "{qualify_domain}"\n' if qualify_domain else "")
         policy = subprocess.Popen(
             [sys.executable, "-m", "policy", "serve", "--root", str(root_path), "--socket",
-             str(sock), "--socket-group", EXIM_USER, "--primary-hostname", primary_hostname,
-             "--log-file", str(log_dir / "policy.log")],
+             str(sock), "--socket-group", EXIM_USER, "--auth-socket", str(auth_sock),
+             "--auth-socket-group", DOVECOT_GROUP, "--primary-hostname", primary_hostname,
+             "--log-file", str(log_dir / "policy.log"), "--config", str(settings)],
         )  # fmt: skip
         procs.append(policy)
         for _ in range(300):
@@ -168,23 +212,34 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
             time.sleep(0.02)
         if ping(str(sock)) is None:
             raise UpError(f"the policy daemon did not start (see {log_dir / 'policy.log'})")
+        with (log_dir / "dovecot.stderr").open("ab") as err:
+            procs.append(subprocess.Popen([dovecot, "-F", "-c", str(dovecot_conf)], stderr=err))
+        _wait_for(Path(dovecot_site.lmtp_socket), procs[-1], "Dovecot", log_dir)
         with (log_dir / "exim.stderr").open("ab") as err:
             procs.append(subprocess.Popen([exim, "-C", str(conf), "-bdf", "-q30s"], stderr=err))
         swaks = (f"swaks --server 127.0.0.1:{smtp} --helo client.example.net "
                  "--from someone@remote.example --to alice@example.org")  # fmt: skip
+        submit = (f"swaks --server 127.0.0.1:{submission} --tls --auth PLAIN "
+                  "--auth-user alice@example.org --auth-password alice-secret "
+                  "--from alice@example.org --to friend@far.example")  # fmt: skip
         print(f"""mailpolicy up: serving {root_path}
-  policy daemon  {sock} (log {log_dir / 'policy.log'})
+  policy daemon  {sock}, logins {auth_sock} (log {log_dir / 'policy.log'})
   Exim           SMTP 127.0.0.1:{smtp}, submission 127.0.0.1:{submission} (log {log_dir}/mainlog)
+  Dovecot        IMAP 127.0.0.1:{imap}, IMAPS 127.0.0.1:{imaps}, ManageSieve 127.0.0.1:{sieve}
+                 (log {log_dir}/dovecot.log)
   remote sink    127.0.0.1:{sink_port}: mail for other domains is kept in {state_path / 'sink'}
   certificates   {', '.join(made) + ' made (self-signed)' if made else 'all present'}
   local mail     {root_path / 'domains'}/<domain>/<user>/Maildir
 
 Send a message:
   {swaks}
+Submit one as alice (AUTH over TLS), relayed to the sink:
+  {submit}
 
 Ctrl-C stops everything.""", flush=True)  # fmt: skip
+        running = ("the policy daemon", "Dovecot", "Exim")
         while not stopping:
-            for p, what in zip(procs, ("the policy daemon", "Exim"), strict=False):
+            for p, what in zip(procs, running, strict=False):
                 if p.poll() is not None:
                     raise UpError(f"{what} exited with {p.returncode} (logs: {log_dir})")
             time.sleep(0.2)
