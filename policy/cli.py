@@ -257,7 +257,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         return up(settings.root, args.state, args.port_offset, settings.hostname,
-                  args.qualify_domain or settings.hostname)  # fmt: skip
+                  args.qualify_domain or settings.hostname, args.dovecot_auth)  # fmt: skip
     except UpError as e:
         print(f"mailpolicy up: {e}", file=sys.stderr)
         return 2
@@ -361,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--state",
         default="/tmp/mailpolicy-up",
         help="where rendered configs, sockets, logs and the sink's mail go",
+    )
+    up.add_argument(
+        "--dovecot-auth",
+        choices=["lua", "checkpassword"],
+        default="lua",
+        help="how Dovecot asks the daemon about logins (default lua: no process per login)",
     )
     up.add_argument("--primary-hostname")
     up.add_argument("--qualify-domain", help="domain for bare local parts (default: hostname)")

@@ -77,6 +77,18 @@ def render_exim(site: EximSite, template: str | None = None) -> str:
 
 
 DOVECOT_TEMPLATE = REPO / "dovecot" / "dovecot.conf"
+# The passdb/userdb fragment for each auth path (DovecotSite.auth_path), inlined at @@AUTH_BLOCKS@@.
+AUTH_FRAGMENTS = {
+    "lua": REPO / "dovecot" / "auth-lua.conf.ext",
+    "checkpassword": REPO / "dovecot" / "auth-checkpassword.conf.ext",
+}
+# What the Lua path needs on the machine (Debian 12: dovecot-auth-lua, lua-socket for Lua 5.4,
+# the Lua Dovecot 2.3.19 is linked with). Checked at render time: without them every login
+# would fail with an internal error.
+LUA_NEEDS = {
+    "/usr/lib/dovecot/modules/auth/libauthdb_lua.so": "dovecot-auth-lua",
+    "/usr/lib/x86_64-linux-gnu/lua/5.4/socket/unix.so": "lua-socket",
+}
 _CERT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
@@ -91,9 +103,15 @@ class DovecotSite:
     state_dir: str = "/var/lib/dovecot"
     log_dir: str = "/var/log/dovecot"
     instance_name: str = "dovecot"
-    # The policy daemon's auth socket, passed to the hook as MAILPOLICY_AUTH_SOCKET.
+    # The policy daemon's auth socket, passed to the Lua script or the hook as
+    # MAILPOLICY_AUTH_SOCKET.
     auth_socket: str = "/run/mailpolicy/auth.sock"
+    # How Dovecot asks the daemon: "lua" (dovecot/mailpolicy-auth.lua in the auth workers: no
+    # process per login, 2.4-ready) or "checkpassword" (hooks/checkpassword, a fork and exec per
+    # login and per lookup). benchmarks/report/AUTH.md measures both.
+    auth_path: str = "lua"
     checkpassword: str = str(REPO / "hooks" / "checkpassword")
+    lua_script: str = str(REPO / "dovecot" / "mailpolicy-auth.lua")
     # Unix sockets for Exim: its lmtp transport and its `dovecot` authenticator (owner exim_user).
     lmtp_socket: str = "/run/dovecot/exim-lmtp"
     auth_client_socket: str = "/run/dovecot/exim-auth"
@@ -149,9 +167,19 @@ def render_dovecot(site: DovecotSite, template: str | None = None) -> str:
         mail_group = grp.getgrgid(mail.pw_gid).gr_name
     except KeyError:
         raise RenderError(f"no user {site.mail_user} (or its group) on this system") from None
-    for name, value in (("root", site.root), ("checkpassword", site.checkpassword)):
+    if site.auth_path not in AUTH_FRAGMENTS:
+        raise RenderError(f"auth_path must be one of {', '.join(sorted(AUTH_FRAGMENTS))}, "
+                          f"not {site.auth_path!r}")  # fmt: skip
+    if site.auth_path == "lua":
+        for path, package in LUA_NEEDS.items():
+            if not Path(path).exists():
+                raise RenderError(f"the Lua auth path needs {path} (Debian package {package})")
+    paths = (("root", site.root), ("checkpassword", site.checkpassword),
+             ("lua_script", site.lua_script))  # fmt: skip
+    for name, value in paths:
         if not value.startswith("/") or any(c in value for c in " %\"'<>{}#"):
             raise RenderError(f"{name} must be an absolute path without spaces or % < > {{ }} #")
+    text = text.replace("@@AUTH_BLOCKS@@", AUTH_FRAGMENTS[site.auth_path].read_text().rstrip())
     local_names = dovecot_local_names(site.root)
     if "@@" in local_names:
         raise RenderError("a certificate path contains @@")
@@ -185,6 +213,7 @@ def render_dovecot(site: DovecotSite, template: str | None = None) -> str:
             "AUTH_FAILURE_DELAY": site.auth_failure_delay,
             "AUTH_DEFAULT_REALM": realm,
             "CHECKPASSWORD": site.checkpassword,
+            "LUA_SCRIPT": site.lua_script,
             "MAIL_USER": site.mail_user,
             "MAIL_GROUP": mail_group,
             "MAIL_UID": str(mail.pw_uid),

@@ -10,7 +10,8 @@ ports plus ``--port-offset`` (default 10000: SMTP 10025, submission 10587, IMAP 
 * a loopback SMTP sink (aiosmtpd) that keeps every message for a non-local domain in
   ``<state>/sink/``: nothing ever leaves the machine;
 * Dovecot 2.3 with ``dovecot/dovecot.conf`` (IMAP, IMAPS, ManageSieve, LMTP; logins through
-  ``hooks/checkpassword`` and the daemon);
+  the daemon, by ``dovecot/mailpolicy-auth.lua`` or, with ``--dovecot-auth checkpassword``,
+  ``hooks/checkpassword``);
 * Exim 4.96 with ``exim/configure``, delivering local mail over Dovecot's LMTP and
   authenticating SMTP AUTH through Dovecot.
 
@@ -32,11 +33,19 @@ from pathlib import Path
 
 from policy.daemon import ping
 from policy.mailtree import TreeLoader
-from policy.render import REPO, DovecotSite, EximSite, render_dovecot, render_exim
+from policy.render import (
+    REPO,
+    DovecotSite,
+    EximSite,
+    RenderError,
+    render_dovecot,
+    render_exim,
+)
 
 EXIM_USER = "Debian-exim"
 DOVECOT_GROUP = "dovecot"
 HOOK = REPO / "hooks" / "checkpassword"
+LUA_SCRIPT = REPO / "dovecot" / "mailpolicy-auth.lua"
 
 
 class UpError(Exception):
@@ -123,7 +132,14 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, log_dir: Pat
         raise UpError(f"{what} did not start (logs: {log_dir})")
 
 
-def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain: str) -> int:
+def up(
+    root: str,
+    state: str,
+    offset: int,
+    primary_hostname: str,
+    qualify_domain: str,
+    auth_path: str = "lua",
+) -> int:
     root_path = Path(root).resolve()
     state_path = Path(state).resolve()
     if not root_path.is_dir():
@@ -140,10 +156,11 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
     )
     if dovecot is None:
         raise UpError("dovecot is not installed (scripts/setup.sh installs the dovecot packages)")
-    blocked = _traversable_by_others(HOOK.parent)
+    auth_program = HOOK if auth_path == "checkpassword" else LUA_SCRIPT
+    blocked = _traversable_by_others(auth_program.parent)
     if blocked is not None:
-        raise UpError(f"{blocked} is not searchable by others: Dovecot's auth process (user "
-                      f"dovecot) cannot run {HOOK}; chmod o+x it")  # fmt: skip
+        raise UpError(f"{blocked} is not searchable by others: Dovecot's auth processes (user "
+                      f"dovecot) cannot read {auth_program}; chmod o+x it")  # fmt: skip
     state_path.mkdir(parents=True, exist_ok=True)
     os.chmod(state_path, 0o755)  # noqa: S103 (Exim's user must reach the socket and the log)
     log_dir = state_path / "log"
@@ -166,13 +183,17 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
         root=str(root_path), primary_hostname=primary_hostname, qualify_domain=qualify_domain,
         base_dir=str(dovecot_dir / "run"), state_dir=str(dovecot_dir / "state"),
         log_dir=str(log_dir), instance_name=f"mailpolicy-up-{offset}",
-        auth_socket=str(auth_sock), checkpassword=str(HOOK),
+        auth_socket=str(auth_sock), auth_path=auth_path, checkpassword=str(HOOK),
+        lua_script=str(LUA_SCRIPT),
         lmtp_socket=str(dovecot_dir / "run" / "exim-lmtp"),
         auth_client_socket=str(dovecot_dir / "run" / "exim-auth"),
         interfaces=("127.0.0.1",), imap_port=imap, imaps_port=imaps, sieve_port=sieve,
     )  # fmt: skip
     dovecot_conf = state_path / "dovecot.conf"
-    dovecot_conf.write_text(render_dovecot(dovecot_site))
+    try:
+        dovecot_conf.write_text(render_dovecot(dovecot_site))
+    except RenderError as e:
+        raise UpError(f"dovecot.conf: {e}") from None
     site = EximSite(
         root=str(root_path), policy_socket=str(sock), primary_hostname=primary_hostname,
         qualify_domain=qualify_domain, log_dir=str(log_dir), smtp_port=smtp,
@@ -226,7 +247,7 @@ def up(root: str, state: str, offset: int, primary_hostname: str, qualify_domain
   policy daemon  {sock}, logins {auth_sock} (log {log_dir / 'policy.log'})
   Exim           SMTP 127.0.0.1:{smtp}, submission 127.0.0.1:{submission} (log {log_dir}/mainlog)
   Dovecot        IMAP 127.0.0.1:{imap}, IMAPS 127.0.0.1:{imaps}, ManageSieve 127.0.0.1:{sieve}
-                 (log {log_dir}/dovecot.log)
+                 (logins by {auth_path}; log {log_dir}/dovecot.log)
   remote sink    127.0.0.1:{sink_port}: mail for other domains is kept in {state_path / 'sink'}
   certificates   {', '.join(made) + ' made (self-signed)' if made else 'all present'}
   local mail     {root_path / 'domains'}/<domain>/<user>/Maildir

@@ -1,10 +1,10 @@
 """A real Dovecot 2.3 on loopback running the project's dovecot/dovecot.conf (rendered by
-policy.render.render_dovecot), with hooks/checkpassword asking the policy daemon over its auth
-socket, on a copy of examples/srv-mail. Started from a temporary directory (RECIPES.md
-section 5); nothing listens beyond 127.0.0.1.
+policy.render.render_dovecot), with dovecot/mailpolicy-auth.lua or hooks/checkpassword asking
+the policy daemon over its auth socket, on a copy of examples/srv-mail. Started from a
+temporary directory (RECIPES.md section 5); nothing listens beyond 127.0.0.1.
 
-The policy daemon serves both its sockets: Exim's, and the auth socket hooks/checkpassword asks
-(group dovecot). The hook is given no ``--socket``: it finds the auth socket only through
+The policy daemon serves both its sockets: Exim's, and the auth socket the Lua script or the
+hook asks (group dovecot). Neither is given the socket: both find it only through
 ``MAILPOLICY_AUTH_SOCKET`` from dovecot.conf's import_environment, so every login tests that.
 """
 
@@ -163,11 +163,15 @@ class DovecotStack:
 
 
 @contextlib.contextmanager
-def dovecot_stack(qualify_domain: str = "example.org") -> Iterator[DovecotStack]:
+def dovecot_stack(
+    qualify_domain: str = "example.org", auth_path: str = "lua", root: Path | None = None
+) -> Iterator[DovecotStack]:
+    """Dovecot (and the policy daemon) on a copy of examples/srv-mail, or on a copy of
+    ``root``; logins by ``auth_path`` ("lua" or "checkpassword")."""
     base = Path(tempfile.mkdtemp(prefix="dv.", dir="/tmp"))
     os.chmod(base, 0o755)  # dovecot and Debian-exim must traverse it
-    root = base / "srv"
-    copy_example(root)
+    srv = base / "srv"
+    root = copy_example(srv) if root is None else Path(shutil.copytree(root, srv))
     for name in TLS_NAMES:
         make_cert(root, name)
     (root / "domains").mkdir(parents=True, exist_ok=True)
@@ -181,7 +185,7 @@ def dovecot_stack(qualify_domain: str = "example.org") -> Iterator[DovecotStack]
         lmtp_socket=str(base / "run" / "exim-lmtp"),
         auth_client_socket=str(base / "run" / "exim-auth"),
         interfaces=("127.0.0.1",), imap_port=free_port(), imaps_port=free_port(),
-        sieve_port=free_port(), auth_failure_delay="0",
+        sieve_port=free_port(), auth_failure_delay="0", auth_path=auth_path,
     )  # fmt: skip
     stack = DovecotStack(base, root, base / "dovecot.conf", site)
     stack.rerender()
