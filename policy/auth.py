@@ -19,8 +19,9 @@ What a login costs and who waits:
   lower-cased (Dovecot's default ``auth_username_format = %Lu``), and without a realm the
   ``auth_default_realm`` is appended (Dovecot does the same before asking us; the setting makes
   a bare name work for any client of the verb).
-* Hashing never runs on the event loop: schemes whose implementation releases the GIL (argon2,
-  bcrypt, PBKDF2) run in a thread pool, the crypt(3) family (which holds it) in a process pool.
+* Hashing never runs on the event loop: it runs in a thread pool, and every slow scheme's code
+  releases the GIL while it hashes (libsodium/argon2-cffi, bcrypt, PBKDF2, libxcrypt through
+  ctypes), so ``auth_workers`` threads hash on that many cores.
 * An unknown user costs what a wrong password costs: the password is checked against the hash
   of a real user of that domain (the result thrown away), so the same scheme and parameters run;
   for a domain we do not have, against a dummy hash of the default scheme.
@@ -43,10 +44,9 @@ import hashlib
 import hmac
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cachetools import TTLCache
@@ -150,9 +150,9 @@ class Authenticator:
         self.snapshot = snapshot
         self.realm = realm
         self.workers = max(1, workers)
+        # Every slow hash releases the GIL while it runs (policy/passwords.py), so threads hash
+        # in parallel on as many cores as there are workers.
         self.threads = ThreadPoolExecutor(self.workers, thread_name_prefix="auth")
-        self._processes: ProcessPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
         self._key = os.urandom(32)
         self.cache: TTLCache[tuple[str, bytes], str] | None = (
             TTLCache(10000, cache_ttl, timer=clock) if cache_ttl > 0 else None
@@ -161,26 +161,12 @@ class Authenticator:
 
     def close(self) -> None:
         self.threads.shutdown(wait=False, cancel_futures=True)
-        if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
 
     def warm_up(self) -> None:
-        """Make the dummy hash and start the process pool (a start-up task, in a thread)."""
+        """Make the dummy hash and load the hashing libraries (a start-up task, in a thread), so
+        the first login pays for neither."""
         passwords.dummy_hash(passwords.DEFAULT_SCHEME)
-        self._executor("$6$warm$" + "x" * 86).submit(int).result()
-
-    def _executor(self, stored: str) -> Executor:
-        if not passwords.needs_process(stored):
-            return self.threads
-        with self._pool_lock:  # warm_up (a thread) and the event loop may both get here first
-            if self._processes is None:
-                # forkserver: the workers do not inherit the event loop, the sockets or the
-                # snapshot (a fork of the daemon would copy them all).
-                import multiprocessing
-
-                context = multiprocessing.get_context("forkserver")
-                self._processes = ProcessPoolExecutor(self.workers, mp_context=context)
-            return self._processes
+        passwords.verify(passwords.dummy_hash("SHA512-CRYPT"), b"warm-up")
 
     def _find(self, local: str, domain: str) -> Found:
         snapshot = self.snapshot()
@@ -231,9 +217,7 @@ class Authenticator:
         target = found.stored or found.decoy or passwords.dummy_hash(passwords.DEFAULT_SCHEME)
         loop = asyncio.get_running_loop()
         try:
-            matched = await loop.run_in_executor(
-                self._executor(target), passwords.verify, target, password
-            )
+            matched = await loop.run_in_executor(self.threads, passwords.verify, target, password)
         except passwords.HashError as e:
             if found.stored:  # the user's own hash is unusable: the admin's trouble, not a FAIL
                 return Outcome("DEFER", key, reason=f"{found.source}: unusable hash: {e}")

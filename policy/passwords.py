@@ -10,14 +10,21 @@ cheap to attack on GPUs; BLF-CRYPT truncates passwords at 72 bytes.
 matters for a mail server, and agrees with ``doveadm pw -t`` (tests/test_passwords.py compares
 the two on hashes doveadm makes at test time). Which code verifies what:
 
-* ARGON2I, ARGON2ID: argon2-cffi (the PHC string says i or id; Dovecot, through libsodium,
-  also reads the type from the string, so ``{ARGON2I}$argon2id$...`` verifies).
+* ARGON2I, ARGON2ID: libsodium through PyNaCl, the library Dovecot itself verifies with, for
+  hashes with one lane (p=1: everything libsodium and so ``doveadm pw`` writes); argon2-cffi
+  for the rest (p>1, written by other tools), which libsodium cannot read. Why not argon2-cffi
+  for all: its reference code took 166 ms for doveadm's m=64 MiB t=3 where libsodium's
+  optimised one took 87 ms (benchmarks/report/AUTH.md). The PHC string says i or id; Dovecot,
+  through libsodium, also reads the type from the string, so ``{ARGON2I}$argon2id$...``
+  verifies.
 * BLF-CRYPT, and any crypt-family scheme whose hash is ``$2a$/$2b$/$2x$/$2y$`` (``doveadm pw
   -s CRYPT`` writes ``$2y$05$``!): the ``bcrypt`` package; it accepts ``$2y$`` as is. The
   password is cut to 72 bytes first, as crypt(3) does (bcrypt 5 raises instead).
 * SHA512-CRYPT ``$6$``, SHA256-CRYPT ``$5$``, MD5-CRYPT/MD5 ``$1$``, CRYPT/DES-CRYPT (13
-  characters, and a hash without ``{SCHEME}``, which Dovecot reads as CRYPT): the stdlib
-  ``crypt`` module, i.e. the system's libxcrypt, the same library Dovecot calls.
+  characters, and a hash without ``{SCHEME}``, which Dovecot reads as CRYPT): the system's
+  libxcrypt, the same library Dovecot calls, through ctypes (``crypt_rn``). Not the stdlib
+  ``crypt`` module: it holds the GIL for the whole hash (so it needed a process pool), takes
+  only UTF-8 passwords, and is gone in Python 3.13; a ctypes call releases the GIL.
 * PBKDF2 (``$1$salt$rounds$hex``: PBKDF2-HMAC-SHA1, the salt used as text) and SCRAM-SHA-1/256:
   ``hashlib.pbkdf2_hmac``.
 * SSHA, SSHA256, SSHA512, SMD5 (base64(digest + salt)), SHA/SHA1/SHA256/SHA512/PLAIN-MD5/
@@ -231,37 +238,12 @@ def verify(stored: str, password: bytes) -> bool:
     raise HashError(f"unsupported scheme {scheme}")
 
 
-def needs_process(stored: str) -> bool:
-    """Whether verifying ``stored`` holds the GIL for the whole hash, so that the daemon should
-    run it in a process pool rather than a thread.
-
-    Only the stdlib ``crypt`` module does (SHA512-CRYPT, SHA256-CRYPT, MD5-CRYPT, DES CRYPT):
-    it calls crypt_r() without releasing the GIL. argon2-cffi (cffi releases the GIL around C
-    calls), bcrypt (releases it in its Rust code) and hashlib.pbkdf2_hmac release it; SSHA* and
-    PLAIN are microseconds. Measured below. At doveadm's defaults the hold is short (one
-    SHA512-CRYPT verify, 5000 rounds: ~1.2 ms; SHA256-CRYPT ~1.6 ms; MD5-CRYPT 0.1 ms), so
-    the pool matters for hashes with many rounds (``$6$rounds=500000$``: ~150 ms held).
-    """
-    try:
-        scheme, encoding, body = _split(stored)
-    except HashError:
-        return False
-    if scheme == "MD5" and not encoding:
-        return body.startswith("$1$")
-    if scheme not in _CRYPT:
-        return False
-    try:
-        text = _text(body, encoding)
-    except HashError:
-        return False
-    return bool(_LIBCRYPT_RE.fullmatch(text))  # bcrypt, or malformed (HashError): no crypt()
-
-
-# The GIL claim, measured with this module: two threads each running verify() once vs the same
-# two calls in a row (wall time, best of 3, 2-core box under load, Python 3.11):
-#   SHA512-CRYPT rounds=50000  25 ms in a row, 25 ms in 2 threads (ratio 1.02: GIL held)
-#   SHA256-CRYPT rounds=50000  22 ms / 22 ms (1.02: GIL held)
-#   pure-Python loop, for scale  174 ms / 164 ms (0.95)
+# Every slow hash here releases the GIL while it runs, so the daemon verifies in threads: ctypes
+# releases it around crypt_rn, cffi around libsodium and argon2-cffi, bcrypt in its Rust code,
+# hashlib.pbkdf2_hmac itself; SSHA* and PLAIN take microseconds. Measured with this module:
+# two threads each running verify() once vs the same two calls in a row (wall time, best of 3,
+# 2-core box, Python 3.11); tests/test_passwords.py checks the crypt_rn one:
+#   SHA512-CRYPT rounds=50000, stdlib crypt (before)  25 ms in a row, 25 ms in 2 threads (held)
 #   BLF-CRYPT cost 10 (bcrypt 5.0.0)  117 ms / 59 ms (0.50: released)
 #   ARGON2ID m=64M t=3 (argon2-cffi 25.1.0)  275 ms / 146 ms (0.53: released)
 #   PBKDF2 rounds=100000 (hashlib)  44 ms / 23 ms (0.51: released)
@@ -290,11 +272,30 @@ def _text(body: str, encoding: str) -> str:
         raise HashError("encoded hash is not ASCII") from e
 
 
+# A well-formed one-lane hash, which libsodium verifies. libsodium answers "no" alike for a wrong
+# password and a string it cannot parse, so only these go to it; anything else goes to
+# argon2-cffi, which tells a malformed hash (HashError, the admin's trouble) from a mismatch.
+_ONE_LANE = re.compile(
+    r"\$argon2id?\$v=19\$m=[1-9][0-9]{0,9},t=[1-9][0-9]{0,9},p=1"
+    r"\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{22,}"
+)
+
+
 def _verify_argon2(text: str, password: bytes) -> bool:
     from argon2 import PasswordHasher, exceptions
 
     if not text.startswith(("$argon2i$", "$argon2id$")):
         raise HashError("ARGON2 hash is not $argon2i$/$argon2id$")
+    if _ONE_LANE.fullmatch(text):
+        import nacl.exceptions
+        import nacl.pwhash
+
+        try:
+            return bool(nacl.pwhash.verify(text.encode("ascii"), password))
+        except nacl.exceptions.InvalidkeyError:  # the password does not match
+            return False
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            pass  # a string libsodium cannot parse: argon2-cffi says what is wrong with it
     try:
         # verify() reads type, m, t, p from the string; the hasher's own parameters don't matter.
         return bool(PasswordHasher().verify(text, password))
@@ -320,31 +321,41 @@ def _verify_libcrypt(text: str, password: bytes) -> bool:
         raise HashError("malformed or unsupported crypt(3) hash")
     if b"\0" in password:  # crypt(3) would stop at the NUL; Dovecot never passes one
         return False
-    try:
-        # The crypt module takes str and encodes it as UTF-8: other bytes cannot reach crypt(3)
-        # through it, so such a password (e.g. Latin-1 from an old client) never matches here.
-        word = password.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    result = _crypt_module().crypt(word, text)
-    if result is None or result.startswith("*") or len(result) != len(text):
+    # The password's bytes as they are (Dovecot passes them to crypt(3) the same way), so a
+    # Latin-1 password from an old client matches a hash made from the same bytes.
+    result = _crypt_rn(password, text.encode("ascii"))
+    if result is None or result.startswith(b"*") or len(result) != len(text):
         raise HashError("crypt(3) rejected the hash")  # libxcrypt's failure token is *0 / *1
-    return hmac.compare_digest(result.encode("ascii"), text.encode("ascii"))
+    return hmac.compare_digest(result, text.encode("ascii"))
+
+
+# struct crypt_data is 32768 bytes in libxcrypt (crypt.h); crypt_rn is told the size and
+# fails rather than overrun a smaller buffer.
+_CRYPT_DATA_SIZE = 32768
 
 
 @functools.cache
-def _crypt_module() -> Any:
-    # crypt is deprecated since 3.11 (PEP 594) and removed in 3.13: on 3.13 it must be replaced,
-    # e.g. by libpass (passlib's maintained fork; passlib itself breaks with bcrypt 5) or by
-    # calling libcrypt's crypt_r through ctypes (ctypes.CDLL calls release the GIL). We run 3.11,
-    # where it is the system libxcrypt Dovecot itself calls, so it agrees with Dovecot exactly.
-    # The warning is silenced for this one import only.
-    import warnings
+def _libcrypt() -> Any:
+    """libxcrypt's crypt_rn(phrase, setting, data, size) -> char* (NULL on failure): reentrant,
+    no global state, and called through ctypes.CDLL, which releases the GIL for the call."""
+    import ctypes
+    import ctypes.util
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*crypt")
-        import crypt
-    return crypt
+    name = ctypes.util.find_library("crypt") or "libcrypt.so.1"
+    lib = ctypes.CDLL(name, use_errno=True)
+    fn = lib.crypt_rn
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_int]
+    fn.restype = ctypes.c_char_p
+    return fn
+
+
+def _crypt_rn(phrase: bytes, setting: bytes) -> bytes | None:
+    import ctypes
+
+    data = ctypes.create_string_buffer(_CRYPT_DATA_SIZE)  # zeroed, as crypt_rn expects
+    result: bytes | None = _libcrypt()(phrase, setting, data, _CRYPT_DATA_SIZE)
+    ctypes.memset(data, 0, _CRYPT_DATA_SIZE)  # do not leave the phrase's state lying around
+    return result
 
 
 def _verify_pbkdf2(text: str, password: bytes) -> bool:
@@ -407,7 +418,10 @@ def _make_other(scheme: str, password: bytes) -> str:
             "MD5": f"$1${_salt(8)}",
             "DES-CRYPT": _salt(2),
         }[scheme]
-        return f"{{{scheme}}}{_crypt_module().crypt(password.decode('utf-8'), setting)}"
+        made = _crypt_rn(password, setting.encode("ascii"))
+        if made is None or made.startswith(b"*"):
+            raise HashError(f"crypt(3) cannot make {scheme} here")
+        return f"{{{scheme}}}{made.decode('ascii')}"
     if scheme == "PBKDF2":
         text_salt = _salt(16)  # doveadm: 16 characters, 5000 rounds
         hexdigest = hashlib.pbkdf2_hmac("sha1", password, text_salt.encode(), 5000).hex()
