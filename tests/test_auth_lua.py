@@ -443,8 +443,8 @@ def test_every_example_user_logs_in_over_imaps(stack: Stack, user: str, password
     with dovecot.imaps() as imap:
         typ, _ = imap.login(user, password)
         assert typ == "OK"
-        typ, data = imap.select("INBOX")
-        assert typ == "OK", data
+        selected, data = imap.select("INBOX")
+        assert selected == "OK", data
         imap.logout()
     local, domain = user.split("@")
     maildir = root / "domains" / domain / local / "Maildir"

@@ -1,7 +1,7 @@
-"""A real Dovecot 2.3 running dovecot/dovecot.conf (tests/dovecot_stack.py): IMAP logins over
-TLS through hooks/checkpassword and the policy daemon's auth socket, TLS enforcement, LMTP
-delivery with the global and user sieve scripts, ManageSieve, SNI certificates, the auth-client
-socket Exim will use. One Dovecot per module."""
+"""A real Dovecot 2.3 running dovecot/dovecot.conf (tests/dovecot_stack.py), on both auth paths
+(Lua, checkpassword): IMAP logins over TLS through the policy daemon's auth socket, TLS
+enforcement, LMTP delivery with the global and user sieve scripts, ManageSieve, SNI
+certificates, the auth-client socket Exim will use. One Dovecot per module and auth path."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from policy.render import DovecotSite, RenderError, render_dovecot
-from tests.conftest import copy_example
+from tests.conftest import REPO, copy_example
 from tests.dovecot_stack import DovecotStack, dovecot_stack, exim_for
 from tests.exim_stack import PRIMARY, make_cert
 
@@ -37,9 +37,11 @@ USERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[DovecotStack]:
-    with dovecot_stack(qualify_domain="example.org") as s:
+# Every test runs on both auth paths (DovecotSite.auth_path): the Lua passdb/userdb and the
+# checkpassword hook.
+@pytest.fixture(scope="module", params=["lua", "checkpassword"])
+def stack(request: pytest.FixtureRequest) -> Iterator[DovecotStack]:
+    with dovecot_stack(qualify_domain="example.org", auth_path=request.param) as s:
         yield s
         if os.environ.get("DOVECOT_KEEP_LOG"):  # a copy of dovecot.log for a look afterwards
             Path(os.environ["DOVECOT_KEEP_LOG"]).write_text(s.log())
@@ -444,6 +446,32 @@ def test_render_values(tmp_path: Path) -> None:
     assert "postmaster_address = postmaster@example.org" in with_realm
     with pytest.raises(RenderError, match="absolute path"):
         render_dovecot(site_for(root, qualify_domain="", checkpassword="hooks/checkpassword"))
+
+
+def test_render_auth_paths(tmp_path: Path) -> None:
+    root = copy_example(tmp_path / "srv")
+    make_cert(root, PRIMARY)
+
+    def settings(text: str) -> str:  # without the comments
+        return "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+
+    lua = settings(render_dovecot(site_for(root, qualify_domain="")))  # the default
+    assert re.findall(r"^  driver = (\S+)$", lua, re.M) == ["lua", "prefetch", "lua"]
+    assert lua.count(f"args = file={REPO}/dovecot/mailpolicy-auth.lua blocking=yes\n") == 2
+    assert "checkpassword" not in lua
+    assert "override_fields" not in lua  # the Lua answers carry no uid/gid: mail_uid applies
+    hook = settings(render_dovecot(site_for(root, qualify_domain="", auth_path="checkpassword")))
+    assert re.findall(r"^  driver = (\S+)$", hook, re.M) == [
+        "checkpassword", "prefetch", "checkpassword"]  # fmt: skip
+    assert hook.count(f"args = {REPO}/hooks/checkpassword\n") == 2 and "lua" not in hook
+    for text in (lua, hook):
+        assert "@@" not in text
+        assert re.search(r"^import_environment = .* MAILPOLICY_AUTH_SOCKET=/run/mailpolicy/auth"
+                         r"\.sock$", text, re.M)  # fmt: skip
+    with pytest.raises(RenderError, match="auth_path must be one of"):
+        render_dovecot(site_for(root, qualify_domain="", auth_path="pam"))
+    with pytest.raises(RenderError, match="absolute path"):
+        render_dovecot(site_for(root, qualify_domain="", lua_script="mailpolicy-auth.lua"))
 
 
 # --- Exim through the two sockets (exim/configure with DOVECOT_LMTP_SOCKET/_AUTH_SOCKET) ------

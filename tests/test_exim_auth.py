@@ -33,9 +33,10 @@ USERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def stacks() -> Iterator[tuple[DovecotStack, Stack]]:
-    with dovecot_stack() as dv, exim_for(dv) as exim:
+# On both auth paths: Dovecot asks the daemon by its Lua passdb or by hooks/checkpassword.
+@pytest.fixture(scope="module", params=["lua", "checkpassword"])
+def stacks(request: pytest.FixtureRequest) -> Iterator[tuple[DovecotStack, Stack]]:
+    with dovecot_stack(auth_path=request.param) as dv, exim_for(dv) as exim:
         yield dv, exim
 
 
@@ -106,13 +107,15 @@ def test_wrong_password_relays_nothing(stacks: tuple[DovecotStack, Stack]) -> No
 
 
 def test_auth_trouble_is_temporary_for_dovecot(stacks: tuple[DovecotStack, Stack]) -> None:
-    """The auth socket unreachable (the hook exits 111): an IMAP login gets a temporary
-    failure ([UNAVAILABLE]), never AUTHENTICATIONFAILED, and works once the socket is back.
+    """The auth socket unreachable (the Lua script returns an internal failure, the hook exits
+    111): an IMAP login gets a temporary failure ([UNAVAILABLE]), never AUTHENTICATIONFAILED,
+    and works once the socket is back.
 
     SMTP AUTH cannot say "temporary" here: Dovecot answers Exim's dovecot authenticator
-    `FAIL <id> temp`, and Exim 4.96 (src/auths/dovecot.c, case 'F') ignores `temp` and answers
-    535. Asserted below so that a change in Exim shows up; docs/exim.md explains it. The
-    client keeps its message either way (nothing is accepted without AUTH)."""
+    `FAIL <id> user=... code=temp_fail`, and Exim 4.96 (src/auths/dovecot.c, case 'F') ignores
+    `code=temp_fail` and answers 535. Asserted below so that a change in Exim shows up;
+    docs/exim.md explains it. The client keeps its message either way (nothing is accepted
+    without AUTH)."""
     dv, exim = stacks
     sock = Path(dv.site.auth_socket)
     away = sock.with_name(sock.name + ".away")
