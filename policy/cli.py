@@ -9,6 +9,7 @@ and ``--root DIR`` (default /srv/mail, or ``root`` from the config file). Exit s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import os
 import socket
@@ -19,8 +20,9 @@ from policy import __version__, admin, passwords, protocol
 from policy.aliases import Limits
 from policy.checks import Context, Result
 from policy.filecheck import check_tree
-from policy.mailtree import TreeLoader
-from policy.pipeline import evaluate
+from policy.mailtree import Snapshot, TreeLoader
+from policy.pipeline import evaluate_async
+from policy.services import Services
 from policy.settings import Settings, SettingsError, load, show
 from policy.verdict import Action
 
@@ -139,6 +141,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for problem in snapshot.problems:
         print(f"file problem: {problem}")
     limits = Limits(settings.alias_max_depth, settings.alias_max_targets)
+    return asyncio.run(_explain(args, settings, snapshot, limits))
+
+
+async def _explain(
+    args: argparse.Namespace, settings: Settings, snapshot: Snapshot, limits: Limits
+) -> int:
+    # The checks that use the network (SPF, callouts) run only with --network: explaining a
+    # decision must not probe other people's servers unless the admin asks for it.
+    services = Services.create(settings) if args.network else None
     verdict = None
     for stage, header in (
         ("CONNECT", f"connection from {args.ip or 'local submission'}"),
@@ -148,9 +159,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(header)
         trace: list[tuple[str, Result]] = []
         ctx = Context(
-            stage, args.ip, args.sender, args.rcpt, args.helo, args.auth or "", snapshot, limits
-        )
-        verdict = evaluate(ctx, trace)
+            stage, args.ip, args.sender, args.rcpt, args.helo, args.auth or "", snapshot, limits,
+            services=services,
+        )  # fmt: skip
+        verdict = await evaluate_async(ctx, trace)
         for name, result in trace:
             print(_describe(name, result))
         if not trace:
@@ -158,8 +170,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if verdict.action is not Action.ACCEPT:
             break
     assert verdict is not None
+    if services is not None:
+        services.close()
     s = verdict.status
     print(f"verdict: {s.action.value.lower()} {s.code} {s.enhanced} {verdict.text}")
+    for header in verdict.headers:
+        print(f"header: {header}")
     return 0 if verdict.action is Action.ACCEPT else 1
 
 
@@ -312,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rcpt", required=True)
     e.add_argument("--auth", default="", help="authenticated user name, if any")
     e.add_argument("--helo", default="")
+    e.add_argument(
+        "--network",
+        action="store_true",
+        help="also run the checks that use DNS and SMTP (SPF, sender-verify callouts)",
+    )
     e.add_argument("--primary-hostname")
     e.set_defaults(func=cmd_explain)
 

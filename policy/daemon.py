@@ -39,9 +39,10 @@ from policy.auth import Authenticator, Outcome, ThrottleSettings
 from policy.checks import Context
 from policy.logbook import Decision, Logbook
 from policy.mailtree import Snapshot, TreeLoader
-from policy.pipeline import evaluate
+from policy.pipeline import ASYNC_STAGES, evaluate, evaluate_async
+from policy.services import Services
 from policy.settings import Settings
-from policy.verdict import TEMP_LOCAL, TEMP_OVERLOAD, TEMP_ROUTING_LOOP, defer
+from policy.verdict import TEMP_LOCAL, TEMP_OVERLOAD, TEMP_ROUTING_LOOP, Verdict, defer
 
 _OVERLOAD = (
     f"DEFER {TEMP_OVERLOAD.code} {TEMP_OVERLOAD.enhanced} policy daemon overloaded\n".encode()
@@ -57,16 +58,31 @@ class DaemonError(Exception):
     """The daemon cannot start (another instance, a bad socket path ...)."""
 
 
-class Policy:
-    """The decisions, without any I/O: request line in, reply line (and log record) out."""
+class Pending:
+    """A request whose stage has async checks (MAIL, DATA): ``Policy.finish`` answers it."""
 
-    def __init__(self, settings: Settings, loader: TreeLoader) -> None:
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+
+class Policy:
+    """The decisions: request line in, reply line (and log record) out. Stages of list lookups
+    are answered at once; stages that wait on the network or the message (``ASYNC_STAGES``)
+    come back as ``Pending`` and are finished by ``finish`` in a task."""
+
+    def __init__(
+        self, settings: Settings, loader: TreeLoader, services: Services | None = None
+    ) -> None:
         self.loader = loader
         self.limits = Limits(settings.alias_max_depth, settings.alias_max_targets)
         self.snapshot: Snapshot = loader.refresh()[0]
+        self.services = services
 
-    def answer(self, line: bytes, started_ns: int) -> tuple[bytes, Decision | None]:
-        """The reply to one request line, and its decision-log record (None: not logged)."""
+    def answer(self, line: bytes, started_ns: int) -> tuple[bytes, Decision | None] | Pending:
+        """The reply to one request line, and its decision-log record (None: not logged); or
+        Pending for a stage with async checks."""
         try:
             request = protocol.parse(line)
         except protocol.ProtocolError as e:
@@ -80,13 +96,19 @@ class Policy:
         if verb == "RCPT" or verb == "MAIL" or verb == "CONNECT":
             g = f.get
             ctx = Context(verb, f["ip"], g("sender", ""), g("rcpt", ""), g("helo", ""),
-                          g("auth", ""), self.snapshot, self.limits)  # fmt: skip
-            v = evaluate(ctx)
-            return protocol.render_verdict(v), (
-                verb, ctx.ip, ctx.sender, ctx.rcpt, v.status.prefix[:-1], v.check, v.reason,
-                v.source, time.monotonic_ns() - started_ns)  # fmt: skip
+                          g("auth", ""), self.snapshot, self.limits,
+                          services=self.services)  # fmt: skip
+            if verb in ASYNC_STAGES:
+                return Pending(ctx)
+            return self.record(ctx, evaluate(ctx), started_ns)
         if verb == "DATA":
-            return self._data(f, started_ns)
+            ctx = Context("DATA", f["ip"], f["sender"], "", f.get("helo", ""), f.get("auth", ""),
+                          self.snapshot, self.limits, message_id=f.get("id", ""),
+                          size=int(f.get("size") or 0), rcpt_count=int(f["rcpts"]),
+                          services=self.services)  # fmt: skip
+            if "DATA" in ASYNC_STAGES:
+                return Pending(ctx)
+            return self.record(ctx, evaluate(ctx), started_ns)
         if verb == "ALIAS":
             return self._alias(f["addr"], started_ns)
         return protocol.render_pong(f"mailpolicy {__version__}"), None
@@ -98,17 +120,29 @@ class Policy:
         return reply, ("-", "", "", "", reply[:-1].decode(), "protocol", str(error), "",
                        time.monotonic_ns() - started_ns)  # fmt: skip
 
-    def _data(self, f: dict[str, str], started_ns: int) -> tuple[bytes, Decision]:
-        ctx = Context("DATA", f["ip"], f["sender"], "", f.get("helo", ""), f.get("auth", ""),
-                      self.snapshot, self.limits, message_id=f.get("id", ""),
-                      size=int(f.get("size") or 0), rcpt_count=int(f["rcpts"]))  # fmt: skip
-        v = evaluate(ctx)
-        # The log line names the message, so a refusal can be found by Exim's message id.
-        what = f"id={ctx.message_id or '-'} size={ctx.size} rcpts={ctx.rcpt_count}"
-        reason = f"{what}; {v.reason}" if v.reason else what
-        return protocol.render_verdict(v), (
-            "DATA", ctx.ip, ctx.sender, "", v.status.prefix[:-1], v.check, reason, v.source,
-            time.monotonic_ns() - started_ns)  # fmt: skip
+    @staticmethod
+    def record(ctx: Context, v: Verdict, started_ns: int) -> tuple[bytes, Decision]:
+        """The reply line and the decision-log record of a stage's verdict."""
+        reason = v.reason
+        if ctx.stage == "DATA":
+            # The log line names the message, so a refusal can be found by Exim's message id.
+            what = f"id={ctx.message_id or '-'} size={ctx.size} rcpts={ctx.rcpt_count}"
+            reason = f"{what}; {reason}" if reason else what
+        try:
+            reply = protocol.render_verdict(v)
+        except ValueError as e:  # a header we made is malformed: our bug, never fail open
+            v = defer(v.check, f"cannot render the answer: {e}")
+            reason, reply = v.reason, protocol.render_verdict(v)
+        return reply, (ctx.stage, ctx.ip, ctx.sender, ctx.rcpt, v.status.prefix[:-1], v.check,
+                       reason, v.source, time.monotonic_ns() - started_ns)  # fmt: skip
+
+    async def finish(self, pending: Pending, started_ns: int) -> tuple[bytes, Decision]:
+        ctx = pending.ctx
+        try:
+            v = await evaluate_async(ctx)
+        except Exception as e:  # never fail open
+            v = defer("daemon", f"internal error: {type(e).__name__}: {e}")
+        return self.record(ctx, v, started_ns)
 
     def _alias(self, addr: str, started_ns: int) -> tuple[bytes, Decision]:
         reason = ""
@@ -132,7 +166,7 @@ class Policy:
 class Connection(asyncio.Protocol):
     """One client: read one line (or up to EOF), answer, close."""
 
-    __slots__ = ("auth", "buf", "daemon", "deadline_ns", "done", "started", "transport")
+    __slots__ = ("auth", "buf", "daemon", "deadline_ns", "done", "started", "task", "transport")
 
     def __init__(self, daemon: Daemon, auth: bool = False) -> None:
         self.daemon = daemon
@@ -142,6 +176,7 @@ class Connection(asyncio.Protocol):
         self.done = False  # the reply is written (or no more input is taken)
         self.started = 0
         self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None  # a stage answered later (MAIL, DATA)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -184,7 +219,11 @@ class Connection(asyncio.Protocol):
             d.answer_auth(self, line)
             return
         try:
-            reply, record = d.policy.answer(line, self.started)
+            answered = d.policy.answer(line, self.started)
+            if isinstance(answered, Pending):
+                d.start_pending(self, answered)
+                return
+            reply, record = answered
         except Exception as e:  # never fail open, never hang: our trouble is a 4xx
             reply, record = (
                 _INTERNAL,
@@ -216,6 +255,8 @@ class Connection(asyncio.Protocol):
             self.daemon.log.decision(record)
 
     def expire(self, reply: bytes = _TIMEOUT, reason: str = "request deadline passed") -> None:
+        if self.task is not None:
+            self.task.cancel()  # a callout shared with other requests goes on (shielded)
         if self.transport is not None and not self.transport.is_closing():
             self.done = True
             self.transport.write(reply)
@@ -243,7 +284,8 @@ class Daemon:
         except OSError as e:  # a start-up error: exit 2, as the CLI promises
             raise DaemonError(f"cannot open log file {settings.log_file}: {e.strerror}") from None
         self.loader = TreeLoader(settings.root, settings.hostname)
-        self.policy = Policy(settings, self.loader)
+        self.services = Services.create(settings)
+        self.policy = Policy(settings, self.loader, self.services)
         for problem in self.policy.snapshot.problems:
             self.log.event(f"problem {problem}")
         self.connections: set[Connection] = set()
@@ -252,6 +294,12 @@ class Daemon:
         self._bound: list[tuple[str, int, socket.socket]] = []
         self.auth_sock: socket.socket | None = None
         self.deadline_ns = int(settings.request_deadline * 1e9)
+        # MAIL and DATA wait on the network and the message: their own, longer deadlines
+        # (exim/configure's readsocket timeouts for them are rendered from these).
+        self.stage_deadline_ns = {
+            "MAIL": int(settings.mail_deadline * 1e9),
+            "DATA": int(settings.data_deadline * 1e9),
+        }
         self.auth_deadline_ns = int(settings.auth_deadline * 1e9)
         self.auth = Authenticator(
             lambda: self.policy.snapshot,
@@ -332,6 +380,22 @@ class Daemon:
         for fd in self._locks:
             os.close(fd)
         self._locks.clear()
+
+    # --- stages answered later (MAIL, DATA) ---------------------------------------------
+
+    def start_pending(self, conn: Connection, pending: Pending) -> None:
+        conn.deadline_ns = self.stage_deadline_ns.get(pending.ctx.stage, self.deadline_ns)
+        task = asyncio.get_running_loop().create_task(self._finish_pending(conn, pending))
+        conn.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish_pending(self, conn: Connection, pending: Pending) -> None:
+        try:
+            reply, record = await self.policy.finish(pending, conn.started)
+        except asyncio.CancelledError:  # the deadline (or shutdown) answered for us
+            return
+        conn.finish(reply, record)
 
     # --- logins ----------------------------------------------------------------------------
 
@@ -453,6 +517,7 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             self.unbind()
             self.auth.close()
+            self.services.close()
             self.log.event(f"stopped; {unfinished} unfinished requests deferred at shutdown")
             self.log.close()
 

@@ -3,25 +3,39 @@
 The pipeline is data (``STAGES``), walked in order; the first check that returns a verdict ends
 the stage. A check that raises is our own trouble: the stage defers (DESIGN.md guarantee 1),
 never accepts. With ``trace`` the interpreter records every check's result, which is all
-``mailpolicy explain`` needs.
+``mailpolicy explain`` needs. Headers the checks found (``Result.headers``) go with the stage's
+accept, in check order; a deny or defer drops them.
+
+A stage whose checks are all plain functions (CONNECT, RCPT: list lookups) is answered by
+``evaluate`` at once, on the event loop. A stage with an ``async`` check (MAIL: SPF and the
+callout; DATA: DKIM) is answered by ``evaluate_async``, which the daemon runs as a task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
-from policy.checks import Context, Result, recipient, relay, restricted_characters, sender_verify
+from policy.checks import (
+    Context,
+    Result,
+    recipient,
+    relay,
+    restricted_characters,
+    sender_verify,
+    spf,
+)
 from policy.verdict import OK_CONNECT, OK_DATA, OK_RCPT, OK_SENDER, Status, Verdict, defer
 
-Check = tuple[str, Callable[[Context], Result]]
+Check = tuple[str, Callable[[Context], Result | Awaitable[Result]]]
 
-# CONNECT and DATA have no checks of their own yet (sender authentication and content scanning
-# come to DATA): asking at those stages still makes the daemon's health part of every session,
-# so a daemon that cannot answer turns a new connection away with a 4xx before the client sends
-# anything, and a message is not taken unless the daemon saw it and logged its id.
+# CONNECT has no checks of its own: asking at that stage still makes the daemon's health part
+# of every session, so a daemon that cannot answer turns a new connection away with a 4xx
+# before the client sends anything. MAIL runs SPF before the callout: a sender SPF already
+# refuses is forged, and its domain should not get a probe from us.
 STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
     "CONNECT": ((), OK_CONNECT),
-    "MAIL": (((sender_verify.NAME, sender_verify.check),), OK_SENDER),
+    "MAIL": (((spf.NAME, spf.check), (sender_verify.NAME, sender_verify.check)), OK_SENDER),
     "RCPT": (
         (
             (restricted_characters.NAME, restricted_characters.check),
@@ -33,22 +47,72 @@ STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
     "DATA": ((), OK_DATA),
 }
 
+# Stages that need evaluate_async (computed once).
+ASYNC_STAGES = frozenset(
+    stage
+    for stage, (checks, _) in STAGES.items()
+    if any(inspect.iscoroutinefunction(check) for _, check in checks)
+)
+
+
+def _crashed(name: str, e: Exception) -> Result:
+    # A bug or an unexpected state: defer, never accept.
+    return Result(defer(name, f"internal error in {name}: {type(e).__name__}: {e}"))
+
+
+def _conclude(name: str, result: Result) -> Verdict:
+    v = result.verdict
+    assert v is not None
+    if result.source and not v.source:
+        v = Verdict(v.status, v.text, v.check, v.reason, result.source)
+    return v
+
 
 def evaluate(ctx: Context, trace: list[tuple[str, Result]] | None = None) -> Verdict:
+    """A stage of plain checks (not in ASYNC_STAGES)."""
     checks, ok = STAGES[ctx.stage]
     decided_by, note, source = "", "", ""
+    headers: list[str] = []
     for name, check in checks:
         try:
             result = check(ctx)
-        except Exception as e:  # a bug or an unexpected file state: defer, never accept
-            result = Result(defer(name, f"internal error in {name}: {type(e).__name__}: {e}"))
+        except Exception as e:
+            result = _crashed(name, e)
+        if not isinstance(result, Result):  # an async check: the stage is in ASYNC_STAGES
+            if inspect.iscoroutine(result):
+                result.close()
+            raise TypeError(f"check {name} is async: stage {ctx.stage} needs evaluate_async")
         if trace is not None:
             trace.append((name, result))
         if result.verdict is not None:
-            v = result.verdict
-            if result.source and not v.source:
-                v = Verdict(v.status, v.text, v.check, v.reason, result.source)
-            return v
+            return _conclude(name, result)
+        headers.extend(result.headers)
         if result.note:  # the last check with something to say explains the accept
             decided_by, note, source = name, result.note, result.source
-    return Verdict(ok, "ok", decided_by, note, source)
+    return Verdict(ok, "ok", decided_by, note, source, tuple(headers))
+
+
+async def evaluate_async(ctx: Context, trace: list[tuple[str, Result]] | None = None) -> Verdict:
+    """Any stage; async checks are awaited in order (the daemon bounds the whole by the
+    stage's deadline, each check bounds its own network waits)."""
+    checks, ok = STAGES[ctx.stage]
+    decided_by, notes, source = "", [], ""
+    headers: list[str] = []
+    for name, check in checks:
+        try:
+            outcome = check(ctx)
+            result = await outcome if inspect.isawaitable(outcome) else outcome
+        except Exception as e:
+            result = _crashed(name, e)
+        assert isinstance(result, Result)
+        if trace is not None:
+            trace.append((name, result))
+        if result.verdict is not None:
+            return _conclude(name, result)
+        headers.extend(result.headers)
+        if result.note:
+            decided_by, source = name, result.source or source
+            notes.append(f"{name}: {result.note}")
+    # Several checks have something to say at MAIL (SPF and the callout): keep them all.
+    note = "; ".join(notes) if len(notes) > 1 else (notes[0].split(": ", 1)[1] if notes else "")
+    return Verdict(ok, "ok", decided_by, note, source, tuple(headers))

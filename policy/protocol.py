@@ -16,10 +16,15 @@ Request line (at most ``MAX_LINE`` bytes including the LF; a trailing CR is igno
 * Decoded values are UTF-8; bytes that are not valid UTF-8 are kept (surrogateescape) so that a
   hostile address is judged, never crashes the parser.
 
-Reply line (one line, LF-terminated, never a CR, LF or control character inside, at most
-``MAX_REPLY`` bytes; verdicts are ASCII, FOUND data UTF-8)::
+Reply line (one line, LF-terminated, never a CR, LF or control character inside but the one
+TAB below, at most ``MAX_REPLY`` bytes; verdicts are ASCII, FOUND data UTF-8)::
 
     ACCEPT <code> <enhanced> <text>     e.g. ACCEPT 250 2.1.5 recipient ok
+    ACCEPT <code> <enhanced> <text>\t<b64 headers>
+                                        an accept that adds header lines to the message: after
+                                        the TAB, base64 of the lines joined by LF (folded lines
+                                        continue with LF + TAB); Exim's ${base64d:} gives them
+                                        to add_header
     DEFER  <code> <enhanced> <text>     e.g. DEFER 451 4.3.0 temporary local problem
     DENY   <code> <enhanced> <text>     e.g. DENY 550 5.1.1 <bob@example.org>: no such user
     FOUND <data>                        lookup verbs: the data (ALIAS: comma-separated addresses)
@@ -195,7 +200,41 @@ def _printable(text: str, limit: int = MAX_TEXT) -> str:
 
 
 def render_verdict(verdict: Verdict) -> bytes:
-    return (verdict.status.prefix + (_printable(verdict.text) or "-") + "\n").encode("ascii")
+    line = verdict.status.prefix + (_printable(verdict.text) or "-")
+    if verdict.headers and verdict.status.code < 300:
+        line += "\t" + render_headers(verdict.headers)
+    return (line + "\n").encode("ascii")
+
+
+# A header field name (RFC 5322 ftext, without the colon), and at most this much header text
+# per reply (Exim adds it to the message).
+_HEADER_NAME = re.compile(r"[!-9;-~]{1,76}")
+MAX_HEADERS = 8192
+
+
+def render_headers(headers: tuple[str, ...] | list[str]) -> str:
+    """Header lines as the base64 field of an accept. Each is ``Name: value``; a value may be
+    folded with ``\n`` + TAB or space. Nothing else reaches Exim's add_header: other control
+    characters and non-ASCII become ``?``, a CR or an LF not followed by white space becomes a
+    space (no header of ours can be split into two, whatever a peer's text held), and a bad
+    name is a ValueError (the bug is ours)."""
+    lines = []
+    for header in headers:
+        name, colon, value = header.partition(":")
+        if not colon or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"not a header line: {header[:80]!r}")
+        value = _FOLD_OR_BREAK.sub(lambda m: "\n" + m.group(1) if m.group(1) else " ", value)
+        value = _HEADER_UNSAFE.sub("?", value)
+        lines.append(f"{name}:{value}")
+    text = "\n".join(lines)
+    if len(text) > MAX_HEADERS:
+        raise ValueError(f"headers longer than {MAX_HEADERS} bytes")
+    return binascii.b2a_base64(text.encode("ascii"), newline=False).decode("ascii")
+
+
+# A line break: kept when it folds (followed by TAB or space), else replaced.
+_FOLD_OR_BREAK = re.compile(r"\r?\n([ \t])?|\r")
+_HEADER_UNSAFE = re.compile(r"[^\x20-\x7e\t\n]|\n(?![ \t])")
 
 
 def render_error(error: ProtocolError) -> bytes:

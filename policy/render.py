@@ -8,9 +8,12 @@ configuration line (newlines, and ``@@``).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from policy.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 EXIM_TEMPLATE = REPO / "exim" / "configure"
@@ -51,6 +54,19 @@ class EximSite:
     # delivered over LMTP and SMTP AUTH goes through Dovecot. None: Maildir appendfile, no AUTH.
     lmtp_socket: str | None = None
     dovecot_auth_socket: str | None = None
+    # Seconds Exim waits for the daemon at MAIL and DATA: the daemon's mail_deadline and
+    # data_deadline + 5 (exim_timeouts() computes them from its settings).
+    mail_timeout: int = 85
+    data_timeout: int = 125
+
+
+def exim_timeouts(settings: Settings) -> dict[str, int]:
+    """EximSite's readsocket timeouts for these daemon settings: each stage's deadline + 5 s,
+    so the daemon's own DEFER (naming its timeout) reaches Exim first."""
+    return {
+        "mail_timeout": math.ceil(settings.mail_deadline) + 5,
+        "data_timeout": math.ceil(settings.data_deadline) + 5,
+    }
 
 
 def render_exim(site: EximSite, template: str | None = None) -> str:
@@ -72,6 +88,8 @@ def render_exim(site: EximSite, template: str | None = None) -> str:
             "SMTP_PORTS": f"{site.smtp_port} : {site.submission_port}",
             "LOCAL_INTERFACES": "<; " + " ; ".join(site.interfaces),
             "LOG_DIR": site.log_dir,
+            "MAIL_TIMEOUT": str(site.mail_timeout),
+            "DATA_TIMEOUT": str(site.data_timeout),
         },
     )
 

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket as _socket
 import tomllib
@@ -43,10 +44,18 @@ class Settings:
     socket_group: str = ""
     # Our own name: a local domain even without passwd/aliases files. "" = the machine's FQDN.
     primary_hostname: str = ""
-    # Seconds the daemon gives one request, from connect to reply. Must stay below the
-    # readsocket timeout in exim/configure (5 s for MAIL/RCPT/ALIAS), so Exim always gets our
-    # answer (a DEFER naming the timeout) rather than its own fail string.
+    # Seconds the daemon gives one request, from connect to reply (CONNECT, RCPT, ALIAS; MAIL and
+    # DATA have their own below). Must stay below the readsocket timeout in exim/configure (5 s
+    # for these), so Exim always gets our answer (a DEFER naming the timeout) rather than its
+    # own fail string.
     request_deadline: float = 3.0
+    # Seconds for a MAIL request: SPF, then the sender-verify callout, one after the other.
+    # At least spf_timeout + callout_timeout + 2; exim/configure's MAIL readsocket timeout is
+    # rendered from it (+ 5 s), so the two cannot drift apart (docs/sender-checks.md).
+    mail_deadline: float = 80.0
+    # Seconds for a DATA request (DKIM, and content scanning): Exim's DATA readsocket timeout
+    # is rendered as this + 5 s.
+    data_deadline: float = 120.0
     # Open connections at most; one more gets an immediate DEFER (overload), never a hang.
     max_connections: int = 512
     # Listen backlog; the kernel caps it at net.core.somaxconn.
@@ -83,6 +92,61 @@ class Settings:
     auth_throttle_base: float = 0.5
     auth_throttle_max: float = 4.0
     auth_throttle_window: float = 900.0
+
+    # --- DNS (policy/dns.py): one resolver configuration for callouts, SPF and DKIM ---
+    # Name servers to ask, space-separated IP addresses; "" = those of /etc/resolv.conf.
+    dns_servers: str = ""
+    # Their port (tests run an authoritative server on a loopback port).
+    dns_port: int = 53
+    # Seconds one lookup may take, retries included; a timeout is a temporary failure (451).
+    dns_timeout: float = 5.0
+
+    # --- sender verification (policy/checks/sender_verify.py, policy/callout.py) ---
+    # Verify a sender (not exempt by senderverify_exceptions) by asking its domain's MX whether
+    # it would take mail for it: EHLO, MAIL FROM:<>, RCPT TO:<sender>, QUIT.
+    callout_enabled: bool = True
+    # TCP port of the callout (25; tests point it at their loopback peers).
+    callout_port: int = 25
+    # Seconds to connect to one MX host, and for the whole callout (all MX hosts tried, DNS
+    # included). The seed's commented rule: 15 s and 60 s.
+    callout_connect_timeout: float = 15.0
+    callout_timeout: float = 60.0
+    # How long a callout's answer is remembered: "exists" (RCPT 2xx) and "does not exist" (RCPT
+    # 5xx); Exim's callout cache uses 24 h and 2 h. Temporary failures are never remembered.
+    callout_positive_ttl: float = 86400.0
+    callout_negative_ttl: float = 7200.0
+    # Addresses remembered at most (each cache).
+    callout_cache_size: int = 100000
+    # Callouts at once to one sender domain; more wait their turn (within the deadline).
+    callout_domain_concurrency: int = 2
+    # Callouts started per second over all domains, with bursts of up to callout_burst.
+    callout_rate: float = 10.0
+    callout_burst: int = 20
+    # Allow callouts to loopback, private, link-local and other non-global addresses. Off: an
+    # MX pointing there is never contacted (the sender counts as unverifiable, not false).
+    # The tests turn it on for their loopback peers.
+    callout_allow_private: bool = False
+    # Name given in EHLO/HELO; "" = primary_hostname.
+    callout_helo: str = ""
+
+    # --- SPF (policy/checks/spf.py, RFC 7208) at MAIL ---
+    spf_enabled: bool = True
+    # Seconds for the whole SPF evaluation (every DNS lookup it makes).
+    spf_timeout: float = 15.0
+    # What to do with each result besides "pass" (always accepted), "fail" (always 550 5.7.23)
+    # and "temperror" (always 451 4.4.3): "accept" (a Received-SPF header tells) or "reject".
+    spf_softfail: str = "accept"
+    spf_neutral: str = "accept"
+    spf_none: str = "accept"
+    spf_permerror: str = "accept"
+    # Our secondary MX hosts (space-separated addresses/networks): mail they relay to us was
+    # checked there and comes from their address, so SPF and callouts skip it.
+    secondary_mx_hosts: str = ""
+
+    # --- DKIM-required domains (policy/checks/dkim.py, RFC 6376 / 8301) at DATA ---
+    dkim_enabled: bool = True
+    # Seconds for verifying the signatures of one message (key lookups included).
+    dkim_timeout: float = 15.0
 
     @property
     def hostname(self) -> str:
@@ -142,9 +206,51 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
         ) from None
     if mode & ~0o777:
         raise SettingsError(f"{where('socket_mode')}: socket_mode {s.socket_mode!r} out of range")
-    for name in ("request_deadline", "reload_interval", "drain_timeout", "auth_deadline"):
+    positive = ("request_deadline", "reload_interval", "drain_timeout", "auth_deadline",
+                "mail_deadline", "data_deadline", "dns_timeout", "callout_connect_timeout",
+                "callout_timeout", "callout_rate", "spf_timeout", "dkim_timeout")  # fmt: skip
+    for name in positive:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{where(name)}: {name} must be positive")
+    for name in ("callout_positive_ttl", "callout_negative_ttl"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{where(name)}: {name} must not be negative")
+    for name in ("callout_cache_size", "callout_domain_concurrency", "callout_burst"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"{where(name)}: {name} must be at least 1")
+    if not 1 <= s.dns_port <= 65535 or not 1 <= s.callout_port <= 65535:
+        key = "dns_port" if not 1 <= s.dns_port <= 65535 else "callout_port"
+        raise SettingsError(f"{where(key)}: {key} must be a port number (1-65535)")
+    for server in s.dns_servers.split():
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise SettingsError(
+                f"{where('dns_servers')}: dns_servers: {server!r} is not an IP address"
+            ) from None
+    for item in s.secondary_mx_hosts.split():
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingsError(f"{where('secondary_mx_hosts')}: secondary_mx_hosts: "
+                                f"{item!r} is not an address or network") from None  # fmt: skip
+    for name in ("spf_softfail", "spf_neutral", "spf_none", "spf_permerror"):
+        if getattr(s, name) not in ("accept", "reject"):
+            raise SettingsError(f'{where(name)}: {name} must be "accept" or "reject"')
+    # The MAIL stage runs SPF, then the callout: both must fit in its deadline, or a slow but
+    # healthy peer would only ever see the daemon's own timeout.
+    if s.spf_timeout + s.callout_timeout + 2 > s.mail_deadline:
+        raise SettingsError(
+            f"{where('mail_deadline')}: mail_deadline must be at least spf_timeout + "
+            f"callout_timeout + 2 s ({s.spf_timeout + s.callout_timeout + 2:g})"
+        )
+    if s.callout_connect_timeout > s.callout_timeout:
+        raise SettingsError(f"{where('callout_connect_timeout')}: callout_connect_timeout must "
+                            "not exceed callout_timeout")  # fmt: skip
+    if s.dkim_timeout + 2 > s.data_deadline:
+        raise SettingsError(
+            f"{where('data_deadline')}: data_deadline must be at least dkim_timeout + 2 s"
+        )
     for name in ("max_connections", "backlog", "alias_max_depth", "alias_max_targets"):
         if getattr(s, name) < 1:
             raise SettingsError(f"{where(name)}: {name} must be at least 1")
@@ -184,6 +290,8 @@ def show(s: Settings) -> str:
         value = getattr(s, f.name)
         if isinstance(value, str):
             lines.append(f'{f.name} = "{value}"')
+        elif isinstance(value, bool):
+            lines.append(f"{f.name} = {str(value).lower()}")
         else:
             lines.append(f"{f.name} = {value}")
     lines.append(f'# effective primary_hostname: "{s.hostname}"')

@@ -63,6 +63,15 @@ TEMP_LOCAL = Status(451, "3.0")  # other or undefined mail system status (our ow
 TEMP_OVERLOAD = Status(451, "3.2")  # system not accepting network messages
 TEMP_ROUTING_LOOP = Status(451, "4.6")  # routing loop detected
 TEMP_PROTOCOL = Status(451, "5.0")  # other or undefined protocol status (bad request)
+# Sender checks (RFC 3463, RFC 7372 for the 7.2x codes, RFC 7505 for the null MX).
+SENDER_REFUSED = Status(550, "1.7")  # bad sender's mailbox address syntax/verification
+SENDER_DOMAIN_UNKNOWN = Status(550, "1.8")  # bad sender's system address
+SENDER_NULL_MX = Status(550, "7.27")  # sender address has null MX
+SPF_FAIL = Status(550, "7.23")  # SPF validation failed
+SPF_ERROR = Status(550, "7.24")  # SPF validation error (permerror, when policy rejects)
+DKIM_REQUIRED = Status(550, "7.20")  # no passing DKIM signature found
+TEMP_DNS = Status(451, "4.3")  # directory server failure: SPF temperror, DNS timeouts
+TEMP_CALLOUT = Status(451, "4.0")  # the sender's MX could not be asked now
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,8 @@ class Verdict:
     check: str
     reason: str = ""
     source: str = ""
+    # Accepts only: header lines for Exim to add to the message (protocol.render_verdict).
+    headers: tuple[str, ...] = ()
 
     @property
     def action(self) -> Action:

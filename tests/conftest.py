@@ -27,6 +27,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Settings that keep a test daemon off the network (tests/offline.toml): the default for every
+# daemon the tests start, unless a test gives its own configuration.
+OFFLINE = REPO / "tests" / "offline.toml"
 EXAMPLE = REPO / "examples" / "srv-mail"
 PRIMARY_HOSTNAME = "mail.example.org"
 
@@ -128,6 +131,13 @@ def wait_for_ping(sock_path: Path, proc: subprocess.Popen[bytes], timeout: float
     raise RuntimeError("daemon did not answer PING in time")
 
 
+def offline_settings() -> dict[str, object]:
+    import tomllib
+
+    with OFFLINE.open("rb") as f:
+        return dict(tomllib.load(f))
+
+
 @pytest.fixture
 def start_daemon(short_dir: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
@@ -155,12 +165,16 @@ def start_daemon(short_dir: Path) -> Iterator[Callable[..., Daemon]]:
             "--primary-hostname",
             PRIMARY_HOSTNAME,
         ]
-        if config is not None:
+        if "--config" not in extra:
+            # The offline settings, then the test's own (later keys win in the file).
             cfg = short_dir / f"{name}.toml"
+            settings = {**offline_settings(), **(config or {})}
             cfg.write_text(
                 "".join(
-                    f"{k} = {v!r}\n" if not isinstance(v, str) else f'{k} = "{v}"\n'
-                    for k, v in config.items()
+                    f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}\n"
+                    if not isinstance(v, str)
+                    else f'{k} = "{v}"\n'
+                    for k, v in settings.items()
                 )
             )
             args += ["--config", str(cfg)]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy.render import DovecotSite, EximSite, render_dovecot, render_exim
-from tests.conftest import REPO, copy_example, wait_for_ping
+from tests.conftest import OFFLINE, REPO, copy_example, wait_for_ping
 from tests.exim_stack import PRIMARY, TLS_NAMES, Sink, Stack, free_port, make_cert
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -64,7 +64,7 @@ class DovecotStack:
         args = [sys.executable, "-m", "policy", "serve", "--root", str(self.root),
                 "--socket", str(self.base / "policy.sock"), "--socket-group", "Debian-exim",
                 "--log-file", str(log), "--primary-hostname", PRIMARY,
-                "--config", os.devnull]  # fmt: skip
+                "--config", str(OFFLINE)]  # fmt: skip
         args += ["--auth-socket", self.site.auth_socket, "--auth-socket-group", "dovecot"]
         proc = subprocess.Popen(args, cwd=REPO)
         self.procs["policy"] = proc

@@ -25,7 +25,7 @@ from aiosmtpd.smtp import Envelope, Session
 
 from policy.render import EximSite, render, render_exim
 from policy.up import make_certificate
-from tests.conftest import REPO, copy_example, wait_for_ping
+from tests.conftest import OFFLINE, REPO, copy_example, wait_for_ping
 
 EXIM = shutil.which("exim") or shutil.which("exim4") or "exim"
 PRIMARY = "mail.example.org"
@@ -72,7 +72,7 @@ class Stack:
         proc = subprocess.Popen(
             [sys.executable, "-m", "policy", "serve", "--root", str(self.root), "--socket",
              str(self.policy_socket), "--socket-group", "Debian-exim", "--log-file", str(log),
-             "--primary-hostname", PRIMARY, "--config", os.devnull],
+             "--primary-hostname", PRIMARY, "--config", str(OFFLINE)],
             cwd=REPO,
         )  # fmt: skip
         self.procs["policy"] = proc

@@ -432,8 +432,9 @@ def test_explain_accepted_user(tree: Path) -> None:
         "connection from 203.0.113.5",
         "  no checks at this stage",
         "MAIL FROM:<x@remote.example>",
-        "  sender_verify: pass: x@remote.example is not exempt from sender verification "
-        "(callout not built yet: accepted)",
+        "  spf: pass: not run (no network)",
+        "  sender_verify: pass: x@remote.example is not exempt from sender verification; "
+        "callout not run (no network)",
         "RCPT TO:<alice@example.org>",
         "  restricted_characters: pass",
         "  relay: pass: example.org is a local domain",
@@ -571,8 +572,9 @@ def test_explain_null_sender_and_missing_root(tree: Path, tmp_path: Path) -> Non
         "--rcpt", "bob@example.org",
     )  # fmt: skip
     assert r.rc == 0
-    assert r.lines[2:4] == [
+    assert r.lines[2:5] == [
         "MAIL FROM:<>",
+        "  spf: pass: not run (no network)",
         "  sender_verify: pass: null sender <> is never verified",
     ]
     r = mailpolicy(
@@ -1066,6 +1068,8 @@ def test_config_show(tmp_path: Path) -> None:
         'socket_group = "Debian-exim"',
         'primary_hostname = "MX.Example.ORG."',
         "request_deadline = 2.0",  # an int where a float is expected is fine
+        "mail_deadline = 80.0",
+        "data_deadline = 120.0",
         "max_connections = 512",
         "backlog = 1024",
         "reload_interval = 0.25",
@@ -1084,6 +1088,30 @@ def test_config_show(tmp_path: Path) -> None:
         "auth_throttle_base = 0.5",
         "auth_throttle_max = 4.0",
         "auth_throttle_window = 900.0",
+        'dns_servers = ""',
+        "dns_port = 53",
+        "dns_timeout = 5.0",
+        "callout_enabled = true",  # TOML's spelling
+        "callout_port = 25",
+        "callout_connect_timeout = 15.0",
+        "callout_timeout = 60.0",
+        "callout_positive_ttl = 86400.0",
+        "callout_negative_ttl = 7200.0",
+        "callout_cache_size = 100000",
+        "callout_domain_concurrency = 2",
+        "callout_rate = 10.0",
+        "callout_burst = 20",
+        "callout_allow_private = false",
+        'callout_helo = ""',
+        "spf_enabled = true",
+        "spf_timeout = 15.0",
+        'spf_softfail = "accept"',
+        'spf_neutral = "accept"',
+        'spf_none = "accept"',
+        'spf_permerror = "accept"',
+        'secondary_mx_hosts = ""',
+        "dkim_enabled = true",
+        "dkim_timeout = 15.0",
         '# effective primary_hostname: "mx.example.org"',
     ]
     r = mailpolicy("config", "show")  # /dev/null: every default

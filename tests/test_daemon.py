@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from policy import __version__
 from policy.protocol import MAX_LINE, encode_request
-from tests.conftest import EXAMPLE, PRIMARY_HOSTNAME, REPO, Daemon, wait_for_ping
+from tests.conftest import EXAMPLE, OFFLINE, PRIMARY_HOSTNAME, REPO, Daemon, wait_for_ping
 
 pytestmark = pytest.mark.integration
 
@@ -189,9 +189,10 @@ def unquote(value: str) -> str:
 
 
 def serve_command(sock: Path, root: Path, log: Path, *extra: str) -> list[str]:
+    offline = () if "--config" in extra else ("--config", str(OFFLINE))
     return [
         sys.executable, "-m", "policy", "serve", "--root", str(root), "--socket", str(sock),
-        "--log-file", str(log), "--primary-hostname", PRIMARY_HOSTNAME, *extra,
+        "--log-file", str(log), "--primary-hostname", PRIMARY_HOSTNAME, *offline, *extra,
     ]  # fmt: skip
 
 
@@ -218,12 +219,11 @@ def shared() -> Iterator[Daemon]:
     with (root / "aliases" / "example.org").open("a") as f:
         f.writelines(f"fan{i}: dest{i}@remote.example\n" for i in range(FANS))
     cfg = base / "cfg.toml"
-    cfg.write_text(f"request_deadline = {DEADLINE}\n")
+    cfg.write_text(OFFLINE.read_text() + f"request_deadline = {DEADLINE}\n")
     sock, log = base / "p.sock", base / "p.log"
     with (base / "stderr").open("wb") as err:
-        proc = subprocess.Popen(
-            [*serve_command(sock, root, log), "--config", str(cfg)], cwd=REPO, stderr=err
-        )
+        proc = subprocess.Popen(serve_command(sock, root, log, "--config", str(cfg)), cwd=REPO,
+                                stderr=err)  # fmt: skip
     d = Daemon(proc, sock, log, root)
     try:
         wait_for_ping(sock, proc)

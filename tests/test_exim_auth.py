@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import OFFLINE, REPO
 from tests.dovecot_stack import DovecotStack, dovecot_stack, exim_for
 from tests.exim_stack import PRIMARY, Stack, message
 
@@ -139,7 +139,7 @@ def test_auth_trouble_is_temporary_for_dovecot(stacks: tuple[DovecotStack, Stack
 
 
 def mailpolicy(*args: str, stdin: str) -> None:
-    subprocess.run([sys.executable, "-m", "policy", *args, "--config", os.devnull], input=stdin,
+    subprocess.run([sys.executable, "-m", "policy", *args, "--config", str(OFFLINE)], input=stdin,
                    text=True, check=True, cwd=REPO, capture_output=True, timeout=60)  # fmt: skip
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ from hypothesis import strategies as st
 from policy.aliases import Limits
 from policy.checks import Context, Result
 from policy.mailtree import Snapshot, TreeLoader
-from policy.pipeline import STAGES, evaluate
-from policy.verdict import Action, Verdict
+from policy.pipeline import ASYNC_STAGES, STAGES, evaluate, evaluate_async
+from policy.verdict import Action, Status, Verdict
 
 PRIMARY = "mail.example.org"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "srv-mail"
@@ -50,9 +51,12 @@ def test_stage_table() -> None:
         "relay",
         "recipient",
     ]
-    assert [name for name, _ in STAGES["MAIL"][0]] == ["sender_verify"]
+    # SPF before the callout: a sender SPF refuses is forged, its domain gets no probe.
+    assert [name for name, _ in STAGES["MAIL"][0]] == ["spf", "sender_verify"]
     assert STAGES["RCPT"][1].enhanced == "2.1.5"
     assert STAGES["MAIL"][1].enhanced == "2.1.0"
+    # MAIL waits on DNS and SMTP peers: the daemon answers it from a task.
+    assert "MAIL" in ASYNC_STAGES and "RCPT" not in ASYNC_STAGES and "CONNECT" not in ASYNC_STAGES
 
 
 @pytest.mark.parametrize(
@@ -127,12 +131,35 @@ def test_deny_carries_the_source(tmp_path: Path) -> None:
 
 def test_mail_stage(snap: Snapshot) -> None:
     steps: list[tuple[str, Result]] = []
-    v = evaluate(ctx(snap, sender="newsletter@shop.example", stage="MAIL"), steps)
+    v = asyncio.run(evaluate_async(ctx(snap, sender="newsletter@shop.example", stage="MAIL"),
+                                   steps))  # fmt: skip
     assert summary(v) == ("ACCEPT", 250, "2.1.0", "sender_verify")
     assert v.source == "exim/conf/senderverify_exceptions:15"
-    assert [name for name, _ in steps] == ["sender_verify"]
-    v = evaluate(ctx(snap, sender="", stage="MAIL"))
+    assert [name for name, _ in steps] == ["spf", "sender_verify"]
+    v = asyncio.run(evaluate_async(ctx(snap, sender="", stage="MAIL")))
     assert summary(v) == ("ACCEPT", 250, "2.1.0", "sender_verify")
+    # An async stage cannot be answered by the synchronous interpreter.
+    with pytest.raises(TypeError, match="needs evaluate_async"):
+        evaluate(ctx(snap, sender="", stage="MAIL"))
+
+
+def test_headers_of_an_accept_and_none_on_a_deny(
+    snap: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def tag(name: str) -> Callable[[Context], Result]:
+        return lambda c: Result(note=name, headers=(f"X-{name}: yes",))
+
+    def deny(c: Context) -> Result:
+        return Result(Verdict(Status(550, "7.1"), "no", "d"))
+
+    ok = STAGES["MAIL"][1]
+    monkeypatch.setitem(STAGES, "MAIL", ((("a", tag("a")), ("b", tag("b"))), ok))
+    v = asyncio.run(evaluate_async(ctx(snap, sender="x@remote.example", stage="MAIL")))
+    assert v.headers == ("X-a: yes", "X-b: yes")
+    assert v.reason == "a: a; b: b"
+    monkeypatch.setitem(STAGES, "MAIL", ((("a", tag("a")), ("d", deny)), ok))
+    v = asyncio.run(evaluate_async(ctx(snap, sender="x@remote.example", stage="MAIL")))
+    assert summary(v) == ("DENY", 550, "5.7.1", "d") and v.headers == ()
 
 
 def test_defer_when_files_are_unavailable(tmp_path: Path) -> None:
@@ -191,8 +218,15 @@ def test_raising_check_defers_never_accepts(
 
 def test_raising_check_in_mail_stage(snap: Snapshot, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(STAGES, "MAIL", ((("sender_verify", boom),), STAGES["MAIL"][1]))
-    v = evaluate(ctx(snap, sender="x@remote.example", stage="MAIL"))
+    v = asyncio.run(evaluate_async(ctx(snap, sender="x@remote.example", stage="MAIL")))
     assert summary(v) == ("DEFER", 451, "4.3.0", "sender_verify")
+
+    async def async_boom(c: Context) -> Result:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(STAGES, "MAIL", ((("spf", async_boom),), STAGES["MAIL"][1]))
+    v = asyncio.run(evaluate_async(ctx(snap, sender="x@remote.example", stage="MAIL")))
+    assert summary(v) == ("DEFER", 451, "4.3.0", "spf")
 
 
 def test_raising_on_broken_snapshot_defers(snap: Snapshot) -> None:

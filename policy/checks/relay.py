@@ -33,6 +33,38 @@ def _localhost(ip: str) -> bool:
     return addr in _LOCALHOST
 
 
+def trusted_client(ctx: Context) -> tuple[bool | None, str, str]:
+    """Is the client one we relay for whatever the recipient - an authenticated user, a local
+    submission, localhost or a relay_from_hosts address? (trusted?, why, file:line); trusted
+    is None when relay_from_hosts is unavailable. The sender checks (SPF, callouts) skip such
+    clients: their mail is ours to send, not a stranger's claim to check."""
+    if ctx.auth:
+        return True, f"authenticated user {ctx.auth!r}", ""
+    if not ctx.ip:
+        return True, "a local submission (no client IP)", ""
+    if _localhost(ctx.ip):
+        return True, f"localhost {ctx.ip}", ""
+    hosts = ctx.snapshot.relay_from_hosts
+    if hosts.data is None:
+        return None, hosts.problem, ""
+    found = hosts.data.lookup(ctx.ip)
+    if found is not None and found[0]:
+        return True, f"{ctx.ip} (relay_from_hosts)", hosts.source(found[1])
+    return False, f"{ctx.ip} is an outside client", ""
+
+
+def secondary_mx(ip: str, networks: str) -> bool:
+    """Is ``ip`` in ``networks`` (settings ``secondary_mx_hosts``: space-separated addresses
+    and networks, validated at start)? IPv4-mapped addresses count as IPv4."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks.split())
+
+
 def check(ctx: Context) -> Result:
     domain = ctx.rcpt_domain
     snapshot = ctx.snapshot
