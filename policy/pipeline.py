@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from policy.checks import (
     Context,
     Result,
+    dkim,
     recipient,
     relay,
     restricted_characters,
@@ -32,7 +33,8 @@ Check = tuple[str, Callable[[Context], Result | Awaitable[Result]]]
 # CONNECT has no checks of its own: asking at that stage still makes the daemon's health part
 # of every session, so a daemon that cannot answer turns a new connection away with a 4xx
 # before the client sends anything. MAIL runs SPF before the callout: a sender SPF already
-# refuses is forged, and its domain should not get a probe from us.
+# refuses is forged, and its domain should not get a probe from us. DATA: DKIM for the
+# dkim_required domains (the message itself is read once, by the first check that needs it).
 STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
     "CONNECT": ((), OK_CONNECT),
     "MAIL": (((spf.NAME, spf.check), (sender_verify.NAME, sender_verify.check)), OK_SENDER),
@@ -44,7 +46,7 @@ STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
         ),
         OK_RCPT,
     ),
-    "DATA": ((), OK_DATA),
+    "DATA": (((dkim.NAME, dkim.check),), OK_DATA),
 }
 
 # Stages that need evaluate_async (computed once).

@@ -37,4 +37,5 @@ class Services:
         return cls(settings, resolver, mpdns.make_sync(settings), Callouts(settings, resolver))
 
     def close(self) -> None:
+        self.callouts.close()  # callouts still running would go on for up to callout_timeout
         self.threads.shutdown(wait=False, cancel_futures=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket as _socket
 import tomllib
 from collections.abc import Callable
@@ -107,8 +108,8 @@ class Settings:
     callout_enabled: bool = True
     # TCP port of the callout (25; tests point it at their loopback peers).
     callout_port: int = 25
-    # Seconds to connect to one MX host, and for the whole callout (all MX hosts tried, DNS
-    # included). The seed's commented rule: 15 s and 60 s.
+    # Seconds for the TCP connect to one MX host, and for the whole callout (all MX hosts tried,
+    # DNS, greetings and commands included). The seed's commented rule: 15 s and 60 s.
     callout_connect_timeout: float = 15.0
     callout_timeout: float = 60.0
     # How long a callout's answer is remembered: "exists" (RCPT 2xx) and "does not exist" (RCPT
@@ -244,6 +245,10 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
             f"{where('mail_deadline')}: mail_deadline must be at least spf_timeout + "
             f"callout_timeout + 2 s ({s.spf_timeout + s.callout_timeout + 2:g})"
         )
+    if s.callout_helo and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f.:]{2,45}\]",
+                                           s.callout_helo):  # fmt: skip
+        raise SettingsError(f"{where('callout_helo')}: callout_helo must be a host name or an "
+                            "[address] literal")  # fmt: skip
     if s.callout_connect_timeout > s.callout_timeout:
         raise SettingsError(f"{where('callout_connect_timeout')}: callout_connect_timeout must "
                             "not exceed callout_timeout")  # fmt: skip

@@ -48,6 +48,19 @@ HOOK = REPO / "hooks" / "checkpassword"
 LUA_SCRIPT = REPO / "dovecot" / "mailpolicy-auth.lua"
 
 
+# The daemon's settings for the local stack: the sender checks that ask DNS and other people's
+# mail servers (SPF, sender-verify callouts, DKIM key lookups) are off, so nothing but loopback
+# is ever contacted; the resolver points at a loopback port where nothing answers, should
+# anything ask. The tests of those checks run them against a loopback DNS server and peers.
+UP_SETTINGS = """\
+spf_enabled = false
+callout_enabled = false
+dkim_enabled = false
+dns_servers = "127.0.0.1"
+dns_port = 9
+"""
+
+
 class UpError(Exception):
     pass
 
@@ -219,7 +232,8 @@ def up(
     try:
         controller = _sink(state_path, sink_port)
         settings = state_path / "mailpolicy.toml"
-        settings.write_text(f'auth_default_realm = "{qualify_domain}"\n' if qualify_domain else "")
+        settings.write_text(UP_SETTINGS + (f'auth_default_realm = "{qualify_domain}"\n'
+                                           if qualify_domain else ""))  # fmt: skip
         policy = subprocess.Popen(
             [sys.executable, "-m", "policy", "serve", "--root", str(root_path), "--socket",
              str(sock), "--socket-group", EXIM_USER, "--auth-socket", str(auth_sock),
@@ -249,6 +263,7 @@ def up(
   Dovecot        IMAP 127.0.0.1:{imap}, IMAPS 127.0.0.1:{imaps}, ManageSieve 127.0.0.1:{sieve}
                  (logins by {auth_path}; log {log_dir}/dovecot.log)
   remote sink    127.0.0.1:{sink_port}: mail for other domains is kept in {state_path / 'sink'}
+  sender checks  SPF, callouts and DKIM are off here: they would ask the internet
   certificates   {', '.join(made) + ' made (self-signed)' if made else 'all present'}
   local mail     {root_path / 'domains'}/<domain>/<user>/Maildir
 

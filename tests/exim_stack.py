@@ -6,6 +6,7 @@ a temporary directory (RECIPES.md sections 2-3); nothing listens beyond 127.0.0.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -23,9 +24,10 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope, Session
 
-from policy.render import EximSite, render, render_exim
+from policy import settings as settings_mod
+from policy.render import EximSite, exim_timeouts, render, render_exim
 from policy.up import make_certificate
-from tests.conftest import OFFLINE, REPO, copy_example, wait_for_ping
+from tests.conftest import OFFLINE, REPO, copy_example, offline_settings, wait_for_ping
 
 EXIM = shutil.which("exim") or shutil.which("exim4") or "exim"
 PRIMARY = "mail.example.org"
@@ -35,6 +37,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def write_toml(path: Path, settings: dict[str, object]) -> Path:
+    """``settings`` (str, bool, int and float values) as a daemon configuration file."""
+    lines = []
+    for key, value in settings.items():
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, str):
+            text = json.dumps(value)  # a TOML basic string
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            raise TypeError(f"{key}: cannot write a {type(value).__name__} as a setting")
+        lines.append(f"{key} = {text}\n")
+    path.write_text("".join(lines))
+    return path
 
 
 class Sink:
@@ -60,6 +79,8 @@ class Stack:
     sink: Sink
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_dir: Path | None = None  # Exim's logs: <base>/log unless given
+    # The daemon's configuration file (tests/offline.toml unless exim_stack got policy_config).
+    policy_config: Path = OFFLINE
 
     @property
     def logs(self) -> Path:
@@ -68,11 +89,13 @@ class Stack:
     # --- the policy daemon --------------------------------------------------------------
 
     def start_policy(self) -> None:
+        """The daemon with ``policy_config``: a restart keeps the settings Exim's configuration
+        was rendered for."""
         log = self.base / "policy.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "policy", "serve", "--root", str(self.root), "--socket",
              str(self.policy_socket), "--socket-group", "Debian-exim", "--log-file", str(log),
-             "--primary-hostname", PRIMARY, "--config", str(OFFLINE)],
+             "--primary-hostname", PRIMARY, "--config", str(self.policy_config)],
             cwd=REPO,
         )  # fmt: skip
         self.procs["policy"] = proc
@@ -185,11 +208,17 @@ def make_cert(root: Path, name: str, version: str = "v1") -> Path:
 
 @contextlib.contextmanager
 def exim_stack(
-    relay_from: tuple[str, ...] = (), certs: bool = False, native_template: str | None = None
+    relay_from: tuple[str, ...] = (),
+    certs: bool = False,
+    native_template: str | None = None,
+    policy_config: dict[str, object] | None = None,
 ) -> Iterator[Stack]:
     """``certs``: make a certificate for each of TLS_NAMES (make_cert) before Exim starts.
     ``native_template``: run this configuration instead of exim/configure (the benchmark's
-    native-lookup baseline), rendered with the same values."""
+    native-lookup baseline), rendered with the same values. ``policy_config``: daemon settings
+    over tests/offline.toml's (the sender-check tests turn the checks on and point the resolver
+    and the callouts at their loopback servers), written to <base>/policy.toml. Exim's MAIL and
+    DATA readsocket timeouts are rendered from the daemon's settings (render.exim_timeouts)."""
     base = Path(tempfile.mkdtemp(prefix="mx.", dir="/tmp"))
     os.chmod(base, 0o755)  # Debian-exim must traverse it
     root = base / "srv"
@@ -211,21 +240,27 @@ def exim_stack(
     controller.start()
     stack = Stack(base, root, base / "exim.conf", free_port(), free_port(), base / "policy.sock",
                   sink)  # fmt: skip
-    site = EximSite(
-        root=str(root), policy_socket=str(stack.policy_socket), primary_hostname=PRIMARY,
-        qualify_domain="example.org", log_dir=str(base / "log"), smtp_port=stack.smtp_port,
-        submission_port=stack.submission_port, interfaces=("127.0.0.1",), sink_port=sink_port,
-    )  # fmt: skip
-    if native_template is None:
-        stack.conf.write_text(render_exim(site))
-    else:
-        stack.conf.write_text(render(native_template, {
-            "ROOT": site.root, "SUBMISSION_PORT": str(site.submission_port),
-            "SINK_PORT": str(sink_port), "PRIMARY_HOSTNAME": PRIMARY,
-            "QUALIFY_DOMAIN": site.qualify_domain, "LOG_DIR": site.log_dir,
-            "SMTP_PORTS": f"{site.smtp_port} : {site.submission_port}",
-        }))  # fmt: skip
     try:
+        if policy_config is not None:
+            stack.policy_config = write_toml(base / "policy.toml",
+                                             {**offline_settings(), **policy_config})  # fmt: skip
+        timeouts = exim_timeouts(settings_mod.load(str(stack.policy_config)))
+        site = EximSite(
+            root=str(root), policy_socket=str(stack.policy_socket), primary_hostname=PRIMARY,
+            qualify_domain="example.org", log_dir=str(base / "log"), smtp_port=stack.smtp_port,
+            submission_port=stack.submission_port, interfaces=("127.0.0.1",),
+            sink_port=sink_port, mail_timeout=timeouts["mail_timeout"],
+            data_timeout=timeouts["data_timeout"],
+        )  # fmt: skip
+        if native_template is None:
+            stack.conf.write_text(render_exim(site))
+        else:
+            stack.conf.write_text(render(native_template, {
+                "ROOT": site.root, "SUBMISSION_PORT": str(site.submission_port),
+                "SINK_PORT": str(sink_port), "PRIMARY_HOSTNAME": PRIMARY,
+                "QUALIFY_DOMAIN": site.qualify_domain, "LOG_DIR": site.log_dir,
+                "SMTP_PORTS": f"{site.smtp_port} : {site.submission_port}",
+            }))  # fmt: skip
         check = subprocess.run([EXIM, "-C", str(stack.conf), "-bV"], capture_output=True,
                                text=True)  # fmt: skip
         if check.returncode != 0:

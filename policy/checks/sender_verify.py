@@ -12,11 +12,17 @@ were going to send a bounce, whether it would take mail for the sender. What its
 | callout | verdict |
 |---|---|
 | RCPT 2xx | accept (remembered ``callout_positive_ttl``) |
-| RCPT 5xx | 550 5.1.7 (remembered ``callout_negative_ttl``) |
-| the domain does not exist (NXDOMAIN, or no MX and no address) | 550 5.1.8 |
+| RCPT 5xx (not 5.7.x) | 550 5.1.7 (remembered ``callout_negative_ttl``) |
+| no such domain: NXDOMAIN, neither MX nor address, no MX host with an address | 550 5.1.8 |
 | the domain has a null MX (RFC 7505) | 550 5.7.27: it sends no mail, so nothing can come back |
 | 4xx, timeout, refused connection, DNS trouble | 451 4.4.0 / 4.4.3: try later; never remembered |
-| no host we may ask (every MX private or ours), 5xx before RCPT | accept, unverified (logged) |
+| no host we may ask (every MX private or ours) | accept, unverified (logged) |
+| 5xx before RCPT, or RCPT 5.7.x ("your host is blocked") | accept, unverified (remembered) |
+
+A 5xx before RCPT, or a 5.7.x policy refusal at RCPT, says something about us (our address, our
+bounces) and not about the sender's address, so it is not the definite evidence a 5xx needs
+(DESIGN.md guarantee 2). Exim counts a refused ``MAIL FROM:<>`` as a failed verification; we
+do not.
 """
 
 from __future__ import annotations
