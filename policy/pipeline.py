@@ -8,7 +8,8 @@ accept, in check order; a deny or defer drops them.
 
 A stage whose checks are all plain functions (CONNECT, RCPT: list lookups) is answered by
 ``evaluate`` at once, on the event loop. A stage with an ``async`` check (MAIL: SPF and the
-callout; DATA: DKIM) is answered by ``evaluate_async``, which the daemon runs as a task.
+callout; DATA: DKIM and content scanning) is answered by ``evaluate_async``, which the daemon
+runs as a task.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from collections.abc import Awaitable, Callable
 from policy.checks import (
     Context,
     Result,
+    attachments,
     dkim,
     recipient,
     relay,
     restricted_characters,
     sender_verify,
+    spam,
     spf,
+    virus,
 )
 from policy.verdict import OK_CONNECT, OK_DATA, OK_RCPT, OK_SENDER, Status, Verdict, defer
 
@@ -33,8 +37,10 @@ Check = tuple[str, Callable[[Context], Result | Awaitable[Result]]]
 # CONNECT has no checks of its own: asking at that stage still makes the daemon's health part
 # of every session, so a daemon that cannot answer turns a new connection away with a 4xx
 # before the client sends anything. MAIL runs SPF before the callout: a sender SPF already
-# refuses is forged, and its domain should not get a probe from us. DATA: DKIM for the
-# dkim_required domains (the message itself is read once, by the first check that needs it).
+# refuses is forged, and its domain should not get a probe from us. DATA (the message is read
+# once, by the first check that needs it): DKIM for the dkim_required domains, then the content,
+# cheapest first - blocked attachments from the MIME structure, viruses (clamd, milliseconds),
+# spam (spamd, a tenth of a second, and only what is left).
 STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
     "CONNECT": ((), OK_CONNECT),
     "MAIL": (((spf.NAME, spf.check), (sender_verify.NAME, sender_verify.check)), OK_SENDER),
@@ -46,7 +52,15 @@ STAGES: dict[str, tuple[tuple[Check, ...], Status]] = {
         ),
         OK_RCPT,
     ),
-    "DATA": (((dkim.NAME, dkim.check),), OK_DATA),
+    "DATA": (
+        (
+            (dkim.NAME, dkim.check),
+            (attachments.NAME, attachments.check),
+            (virus.NAME, virus.check),
+            (spam.NAME, spam.check),
+        ),
+        OK_DATA,
+    ),
 }
 
 # Stages that need evaluate_async (computed once).

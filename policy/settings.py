@@ -149,6 +149,38 @@ class Settings:
     # Seconds for verifying the signatures of one message (key lookups included).
     dkim_timeout: float = 15.0
 
+    # --- content scanning at DATA (policy/scanners.py; checks attachments, virus, spam) ---
+    # Attachments whose file name ends in one of these (case-insensitive, space-separated) are
+    # refused, also as a member of a ZIP archive (docs/scanning.md); "" = none.
+    blocked_extensions: str = ".exe .pif .bat .scr .lnk .com .js .docm"
+    # ClamAV: clamd's Unix socket (Debian: LocalSocket /run/clamav/clamd.ctl), scanned with
+    # INSTREAM. "" = no virus scanning.
+    clamd_socket: str = "/run/clamav/clamd.ctl"
+    # Seconds for one scan, connect to answer.
+    clamd_timeout: float = 30.0
+    # What clamd being down, slow or refusing the message (INSTREAM size limit exceeded) does:
+    # "defer" (451, the seed's choice for its virus check) or "accept" (with an
+    # X-Virus-Scanned: no ... header).
+    clamav_on_failure: str = "defer"
+    # SpamAssassin: spamd's Unix socket, or "" for spamd_host:spamd_port (Debian's spamd listens
+    # on 127.0.0.1:783). spamd_host = "" = no spam scanning.
+    spamd_socket: str = ""
+    spamd_host: str = "127.0.0.1"
+    spamd_port: int = 783
+    spamd_timeout: float = 30.0
+    # What spamd being down or slow does: "defer" (451) or "accept" (with an X-Spam-Scanned:
+    # no ... header; the seed's spam check failed open this way).
+    spam_on_failure: str = "defer"
+    # Messages larger than this (bytes) are not spam-scanned (the seed: 400 KB).
+    spam_max_size: int = 409600
+    # X-Spam-Flag: YES (and X-Spam-Status: Yes) from this score on; Dovecot's shipped sieve
+    # script files such mail into Spam. The seed's threshold: 3.5.
+    spam_flag_score: float = 3.5
+    # Refuse (550) from this score on; 0 = never (the seed's default).
+    spam_reject_score: float = 0.0
+    # The X-Spam-Report header holds at most this many characters of spamd's report.
+    spam_report_max: int = 2000
+
     @property
     def hostname(self) -> str:
         return (self.primary_hostname or _socket.getfqdn()).lower().rstrip(".")
@@ -252,9 +284,33 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
     if s.callout_connect_timeout > s.callout_timeout:
         raise SettingsError(f"{where('callout_connect_timeout')}: callout_connect_timeout must "
                             "not exceed callout_timeout")  # fmt: skip
-    if s.dkim_timeout + 2 > s.data_deadline:
+    for name in ("clamav_on_failure", "spam_on_failure"):
+        if getattr(s, name) not in ("defer", "accept"):
+            raise SettingsError(f'{where(name)}: {name} must be "defer" or "accept"')
+    for name in ("clamd_timeout", "spamd_timeout"):
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"{where(name)}: {name} must be positive")
+    for name in ("spam_max_size", "spam_report_max"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{where(name)}: {name} must not be negative")
+    if s.spam_flag_score < 0 or s.spam_reject_score < 0:
+        key = "spam_flag_score" if s.spam_flag_score < 0 else "spam_reject_score"
+        raise SettingsError(f"{where(key)}: {key} must not be negative")
+    if not 1 <= s.spamd_port <= 65535:
+        raise SettingsError(f"{where('spamd_port')}: spamd_port must be a port number (1-65535)")
+    for ext in s.blocked_extensions.split():
+        if not re.fullmatch(r"\.[A-Za-z0-9_-]{1,16}", ext):
+            raise SettingsError(f"{where('blocked_extensions')}: blocked_extensions: {ext!r} is "
+                                "not an extension like .exe")  # fmt: skip
+    for name in ("clamd_socket", "spamd_socket"):
+        if len(getattr(s, name).encode()) > 107:
+            raise SettingsError(f"{where(name)}: socket path longer than 107 bytes (AF_UNIX limit)")
+    # DATA runs DKIM, then the scanners, one after the other: all must fit its deadline.
+    needed = s.dkim_timeout + s.clamd_timeout + s.spamd_timeout + 2
+    if needed > s.data_deadline:
         raise SettingsError(
-            f"{where('data_deadline')}: data_deadline must be at least dkim_timeout + 2 s"
+            f"{where('data_deadline')}: data_deadline must be at least dkim_timeout + "
+            f"clamd_timeout + spamd_timeout + 2 s ({needed:g})"
         )
     for name in ("max_connections", "backlog", "alias_max_depth", "alias_max_targets"):
         if getattr(s, name) < 1:

@@ -70,6 +70,10 @@ SENDER_NULL_MX = Status(550, "7.27")  # sender address has null MX
 SPF_FAIL = Status(550, "7.23")  # SPF validation failed
 SPF_ERROR = Status(550, "7.24")  # SPF validation error (permerror, when policy rejects)
 DKIM_REQUIRED = Status(550, "7.20")  # no passing DKIM signature found
+# Content (RFC 3463 5.7.x: security or policy status).
+VIRUS_FOUND = Status(550, "7.0")  # the message carries a virus (named in the text)
+BLOCKED_ATTACHMENT = Status(550, "7.1")  # an attachment type we do not accept
+SPAM_REJECTED = Status(550, "7.1")  # a spam score at or over spam_reject_score
 TEMP_DNS = Status(451, "4.3")  # directory server failure: SPF temperror, DNS timeouts
 TEMP_CALLOUT = Status(451, "4.0")  # the sender's MX could not be asked now
 
