@@ -273,7 +273,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         return up(settings.root, args.state, args.port_offset, settings.hostname,
-                  args.qualify_domain or settings.hostname, args.dovecot_auth)  # fmt: skip
+                  args.qualify_domain or settings.hostname, args.dovecot_auth,
+                  args.clamav_db)  # fmt: skip
     except UpError as e:
         print(f"mailpolicy up: {e}", file=sys.stderr)
         return 2
@@ -370,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     al.set_defaults(func=cmd_alias)
 
     up = sub.add_parser(
-        "up", parents=[common], help="run the local stack (daemon, Exim) on loopback"
+        "up",
+        parents=[common],
+        help="run the local stack (daemon, Dovecot, Exim, clamd, spamd) on loopback",
     )
     up.add_argument(
         "--port-offset",
@@ -388,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["lua", "checkpassword"],
         default="lua",
         help="how Dovecot asks the daemon about logins (default lua: no process per login)",
+    )
+    up.add_argument(
+        "--clamav-db",
+        metavar="DIR",
+        help="ClamAV databases for clamd (default /var/lib/clamav if it holds any, else no "
+        "clamd; examples/clamav-db is an EICAR-only test database)",
     )
     up.add_argument("--primary-hostname")
     up.add_argument("--qualify-domain", help="domain for bare local parts (default: hostname)")

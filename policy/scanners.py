@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -58,33 +59,38 @@ async def clamd_scan(socket_path: str, data: bytes, timeout: float) -> VirusResu
 
 
 async def _instream(socket_path: str, data: bytes) -> VirusResult:
-    reader, writer = await asyncio.open_unix_connection(socket_path)
-    # clamd answers and closes as soon as the stream passes its StreamMaxLength, while we may
-    # still be sending: the answer is read concurrently, so it is never lost to the write error
-    # that follows, and sending stops once it is there.
-    answer = asyncio.ensure_future(reader.read(MAX_REPLY))
-    try:
-        writer.write(b"zINSTREAM\0")
-        view = memoryview(data)
-        for start in range(0, len(view), CHUNK):
-            if answer.done():
-                break
-            chunk = view[start : start + CHUNK]
-            writer.write(len(chunk).to_bytes(4, "big"))
-            writer.write(chunk)
-            await writer.drain()
-        else:
-            writer.write(b"\0\0\0\0")
-            await writer.drain()
-    except (ConnectionResetError, BrokenPipeError):
-        pass  # clamd stopped reading: its answer says why
-    try:
-        reply = await answer
-    except OSError:
+    loop = asyncio.get_running_loop()
+    # A plain non-blocking socket, not asyncio's streams: clamd answers and closes as soon as the
+    # stream passes its StreamMaxLength, while we may still be sending, and a stream transport
+    # that fails to write closes itself and throws away the answer it has not read yet (seen
+    # under load: "closed the connection without an answer" instead of clamd's ERROR). A socket
+    # keeps what clamd sent after a failed send; sending stops once an answer is there. The
+    # ``with`` closes it on every way out, a timeout's cancellation too.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, socket_path)
+        try:
+            await loop.sock_sendall(sock, b"zINSTREAM\0")
+            view = memoryview(data)
+            for start in range(0, len(view), CHUNK):
+                if _answered(sock):
+                    break
+                chunk = view[start : start + CHUNK]
+                await loop.sock_sendall(sock, len(chunk).to_bytes(4, "big") + chunk)
+            else:
+                await loop.sock_sendall(sock, b"\0\0\0\0")
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # clamd stopped reading: its answer says why
         reply = b""
-    finally:
-        writer.close()
-    text = reply.rstrip(b"\0\n").decode("ascii", "replace")
+        while b"\0" not in reply and len(reply) < MAX_REPLY:
+            try:
+                part = await loop.sock_recv(sock, MAX_REPLY - len(reply))
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not part:
+                break
+            reply += part
+    text = reply.split(b"\0", 1)[0].rstrip(b"\n").decode("ascii", "replace")
     if text == "stream: OK":
         return VirusResult("clean")
     found = _FOUND.fullmatch(text)
@@ -94,6 +100,17 @@ async def _instream(socket_path: str, data: bytes) -> VirusResult:
     if not text:
         return VirusResult("error", "clamd closed the connection without an answer")
     return VirusResult("error", f"clamd: {_printable(text)}")
+
+
+def _answered(sock: socket.socket) -> bool:
+    """Whether clamd has said something (or closed) while we are still sending."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # data, or b"" at EOF
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset: clamd is gone
+        pass
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +138,9 @@ async def spamd_check(settings: Settings, data: bytes) -> SpamResult:
         return SpamResult("error", detail=f"spamd {where} did not answer within "
                                           f"{settings.spamd_timeout:g} s")  # fmt: skip
     except Exception as e:  # aiospamc's own errors (connection, protocol, spamd's EX_*)
-        return SpamResult(
-            "error", detail=f"spamd {where}: {type(e).__name__}: {_printable(str(e))}"
-        )
+        # aiospamc's connection errors carry no text: what went wrong is their cause.
+        why = str(e) or str(e.__cause__ or "")
+        return SpamResult("error", detail=f"spamd {where}: {type(e).__name__}: {_printable(why)}")
     try:
         header = response.headers["Spam"]
         score = float(header.score)

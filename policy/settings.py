@@ -293,6 +293,10 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
     for name in ("spam_max_size", "spam_report_max"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{where(name)}: {name} must not be negative")
+    # The headers of one accept are at most 8192 bytes (policy/protocol.py): the report must
+    # leave room for the others, or every scanned message would defer.
+    if s.spam_report_max > 6000:
+        raise SettingsError(f"{where('spam_report_max')}: spam_report_max must be at most 6000")
     if s.spam_flag_score < 0 or s.spam_reject_score < 0:
         key = "spam_flag_score" if s.spam_flag_score < 0 else "spam_reject_score"
         raise SettingsError(f"{where(key)}: {key} must not be negative")

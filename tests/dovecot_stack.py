@@ -26,9 +26,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from policy.render import DovecotSite, EximSite, render_dovecot, render_exim
-from tests.conftest import OFFLINE, REPO, copy_example, wait_for_ping
-from tests.exim_stack import PRIMARY, TLS_NAMES, Sink, Stack, free_port, make_cert
+from policy import settings as settings_mod
+from policy.render import DovecotSite, EximSite, exim_timeouts, render_dovecot, render_exim
+from tests.conftest import OFFLINE, REPO, copy_example, offline_settings, wait_for_ping
+from tests.exim_stack import PRIMARY, TLS_NAMES, Sink, Stack, free_port, make_cert, write_toml
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
 DOVEADM = shutil.which("doveadm") or "/usr/bin/doveadm"
@@ -43,6 +44,9 @@ class DovecotStack:
     site: DovecotSite
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # The daemon's configuration file (tests/offline.toml unless dovecot_stack got
+    # policy_config); restart_policy() can change it.
+    policy_config: Path = OFFLINE
 
     @property
     def imap_port(self) -> int:
@@ -64,7 +68,7 @@ class DovecotStack:
         args = [sys.executable, "-m", "policy", "serve", "--root", str(self.root),
                 "--socket", str(self.base / "policy.sock"), "--socket-group", "Debian-exim",
                 "--log-file", str(log), "--primary-hostname", PRIMARY,
-                "--config", str(OFFLINE)]  # fmt: skip
+                "--config", str(self.policy_config)]  # fmt: skip
         args += ["--auth-socket", self.site.auth_socket, "--auth-socket-group", "dovecot"]
         proc = subprocess.Popen(args, cwd=REPO)
         self.procs["policy"] = proc
@@ -94,6 +98,25 @@ class DovecotStack:
                         return
             time.sleep(0.02)
         raise RuntimeError(f"Dovecot did not start: {self.log()}")
+
+    def stop_policy(self) -> None:
+        proc = self.procs.pop("policy", None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+
+    def restart_policy(self, policy_config: dict[str, object] | None = None) -> None:
+        """The daemon again, with ``policy_config`` over tests/offline.toml's settings (None:
+        offline.toml's alone), written to <base>/policy-<n>.toml. Exim's readsocket timeouts
+        stay what exim_for rendered: keep mail_deadline and data_deadline as they were."""
+        self.stop_policy()
+        if policy_config is None:
+            self.policy_config = OFFLINE
+        else:
+            n = len(list(self.base.glob("policy-*.toml")))
+            self.policy_config = write_toml(self.base / f"policy-{n}.toml",
+                                            {**offline_settings(), **policy_config})  # fmt: skip
+        self.start_policy()
 
     def stop_dovecot(self) -> None:
         proc = self.procs.pop("dovecot", None)
@@ -164,10 +187,15 @@ class DovecotStack:
 
 @contextlib.contextmanager
 def dovecot_stack(
-    qualify_domain: str = "example.org", auth_path: str = "lua", root: Path | None = None
+    qualify_domain: str = "example.org",
+    auth_path: str = "lua",
+    root: Path | None = None,
+    policy_config: dict[str, object] | None = None,
 ) -> Iterator[DovecotStack]:
     """Dovecot (and the policy daemon) on a copy of examples/srv-mail, or on a copy of
-    ``root``; logins by ``auth_path`` ("lua" or "checkpassword")."""
+    ``root``; logins by ``auth_path`` ("lua" or "checkpassword"). ``policy_config``: daemon
+    settings over tests/offline.toml's (e.g. the scanners' sockets), written to
+    <base>/policy.toml; exim_for renders Exim's readsocket timeouts from them."""
     base = Path(tempfile.mkdtemp(prefix="dv.", dir="/tmp"))
     os.chmod(base, 0o755)  # dovecot and Debian-exim must traverse it
     srv = base / "srv"
@@ -190,6 +218,9 @@ def dovecot_stack(
     stack = DovecotStack(base, root, base / "dovecot.conf", site)
     stack.rerender()
     try:
+        if policy_config is not None:
+            stack.policy_config = write_toml(base / "policy.toml",
+                                             {**offline_settings(), **policy_config})  # fmt: skip
         stack.start_policy()
         stack.start_dovecot()
         yield stack
@@ -220,11 +251,13 @@ def exim_for(dv: DovecotStack, relay_from: tuple[str, ...] = ()) -> Iterator[Sta
     controller.start()
     exim = Stack(dv.base, dv.root, dv.base / "exim.conf", free_port(), free_port(),
                  dv.base / "policy.sock", sink, log_dir=logs)  # fmt: skip
+    timeouts = exim_timeouts(settings_mod.load(str(dv.policy_config)))
     exim.conf.write_text(render_exim(EximSite(
         root=str(dv.root), policy_socket=str(exim.policy_socket), primary_hostname=PRIMARY,
         qualify_domain="example.org", log_dir=str(logs), smtp_port=exim.smtp_port,
         submission_port=exim.submission_port, interfaces=("127.0.0.1",), sink_port=sink_port,
         lmtp_socket=dv.site.lmtp_socket, dovecot_auth_socket=dv.site.auth_client_socket,
+        mail_timeout=timeouts["mail_timeout"], data_timeout=timeouts["data_timeout"],
     )))  # fmt: skip
     try:
         exim.start_exim()

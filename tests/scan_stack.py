@@ -1,5 +1,7 @@
 """Real clamd (ClamAV 1.4) and spamd (SpamAssassin 4.0) for the tests, started from a short
-temporary directory on Unix sockets (RECIPES.md sections 6 and 7); nothing on the network.
+temporary directory on Unix sockets (RECIPES.md sections 6 and 7); nothing on the network. The
+configuration files and command lines are policy/scanservers.py's, the same `mailpolicy up`
+runs.
 
 API contract::
 
@@ -28,15 +30,13 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
-CLAMD = shutil.which("clamd") or "/usr/sbin/clamd"
-SPAMD = shutil.which("spamd") or "/usr/sbin/spamd"
+from policy import scanservers
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 EICAR_NDB = "Test.EICAR-NDB.UNOFFICIAL"
@@ -135,44 +135,14 @@ class Clamd(_Server):
     def __init__(self, stream_max: str = "1M", db: Path | None = None) -> None:
         super().__init__()
         self.db = db or write_clamav_db(self.base / "db")
-        (self.base / "tmp").mkdir()
-        self.conf = self.base / "clamd.conf"
-        self.conf.write_text(
-            f"LocalSocket {self.socket}\nLocalSocketMode 666\nFixStaleSocket yes\n"
-            f"DatabaseDirectory {self.db}\nTemporaryDirectory {self.base / 'tmp'}\n"
-            f"PidFile {self.base / 'clamd.pid'}\nLogFile {self.base / 'clamd.log'}\nLogTime yes\n"
-            f"Foreground yes\nStreamMaxLength {stream_max}\nMaxThreads 4\nScanMail yes\n"
-            "Bytecode no\n"
-        )
+        self.conf = scanservers.clamd_conf(self.base, self.socket, self.db, stream_max,
+                                           socket_mode="666")  # fmt: skip
 
     def command(self) -> list[str]:
-        return [CLAMD, "-c", str(self.conf)]
+        return scanservers.clamd_command(self.conf)
 
     def ready(self) -> bool:
-        return ping_clamd(self.socket)
-
-
-def ping_clamd(path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(str(path))
-            s.sendall(b"zPING\0")
-            return s.recv(100).startswith(b"PONG")
-    except OSError:
-        return False
-
-
-SA_LOCAL_CF = """\
-dns_available no
-skip_rbl_checks 1
-use_bayes 0
-bayes_auto_learn 0
-use_razor2 0
-use_pyzor 0
-report_safe 0
-required_score 5.0
-"""
+        return scanservers.ping_clamd(self.socket)
 
 
 class Spamd(_Server):
@@ -180,28 +150,10 @@ class Spamd(_Server):
 
     def __init__(self) -> None:
         super().__init__()
-        for sub in ("etc", "home", "log"):
-            (self.base / "sa" / sub).mkdir(parents=True)
-        for pre in Path("/etc/spamassassin").glob("*.pre"):  # the plugins to load
-            shutil.copy(pre, self.base / "sa" / "etc")
-        (self.base / "sa" / "etc" / "local.cf").write_text(SA_LOCAL_CF)
-        for sub in ("home", "log"):
-            shutil.chown(self.base / "sa" / sub, "debian-spamd", "debian-spamd")
+        scanservers.spamd_dirs(self.base)
 
     def command(self) -> list[str]:
-        sa = self.base / "sa"
-        return [SPAMD, f"--siteconfigpath={sa / 'etc'}", "--configpath=/usr/share/spamassassin",
-                "-L", "-x", "-u", "debian-spamd", "-H", str(sa / "home"),
-                f"--socketpath={self.socket}", "--socketmode=0666",
-                f"--pidfile={self.base / 'spamd.pid'}", "--max-children=2", "--min-children=1",
-                f"--syslog={self.base / 'spamd.log'}"]  # fmt: skip
+        return scanservers.spamd_command(self.base, self.socket, socket_mode="0666")
 
     def ready(self) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(2)
-                s.connect(str(self.socket))
-                s.sendall(b"PING SPAMC/1.5\r\n\r\n")
-                return b"PONG" in s.recv(100)
-        except OSError:
-            return False
+        return scanservers.ping_spamd(self.socket)

@@ -495,9 +495,11 @@ def test_connect_and_data_stages(shared: Daemon) -> None:
     (line,) = decisions_with(wait_lines(shared, tok, 1), tok)
     assert line["stage"] == "DATA" and line["ip"] == FOREIGN_IP
     assert unquote(line["verdict"]) == "ACCEPT 250 2.0.0"
-    # The message's id first, then what the checks said (DKIM is off in tests/offline.toml).
+    # The message's id first, then what each check said (all off in tests/offline.toml).
     assert unquote(line["reason"]) == (
-        f"id={tok} size=1234 rcpts=2; DKIM checks are off (dkim_enabled = false)"
+        f"id={tok} size=1234 rcpts=2; dkim: DKIM checks are off (dkim_enabled = false); "
+        'attachments: no blocked extensions; virus: virus scanning is off (clamd_socket = ""); '
+        "spam: spam scanning is off (no spamd_socket or spamd_host)"
     )
 
 

@@ -2,28 +2,36 @@
 structure before any scanner runs.
 
 A part is an attachment with a name when its Content-Disposition has a ``filename`` or its
-Content-Type a ``name`` (RFC 2231 encodings decoded, as a mail program would). The name is
-refused when it ends in one of ``blocked_extensions`` (default ``.exe .pif .bat .scr .lnk .com
-.js .docm``), case-insensitive and ignoring trailing dots and spaces (``invoice.pdf.exe``,
-``x.EXE.``, ``a.exe `` are all refused). Inside archives: the member names of a ZIP attachment
+Content-Type a ``name``; both are checked when they differ (a mail program may show either).
+RFC 2231 encodings are decoded, and RFC 2047 encoded words too (which RFC 2047 forbids there
+but Outlook and Gmail send and every mail program decodes). The name is refused when it ends
+in one of ``blocked_extensions`` (default ``.exe .pif .bat .scr .lnk .com .js .docm``),
+case-insensitive and ignoring trailing dots and spaces (``invoice.pdf.exe``, ``x.EXE.``,
+``a.exe `` are all refused). Inside archives: the member names of a ZIP attachment
 (``.zip`` name or ``application/zip`` type) are checked the same way, one level deep; a ZIP
 inside the ZIP, other archive types (rar, 7z, tar) and encrypted content are not opened here -
 ClamAV (the next check) scans inside archives for what it can recognise. A ZIP that cannot be
 read is not refused for that.
 
-Verdict: ``550 5.7.1`` naming the attachment (printable, bounded); nothing found: pass.
-Parsing runs in a worker thread (a large message is CPU work) and never raises: a malformed
-MIME structure is parsed as leniently as mail programs do (``email`` with the default policy).
+Verdict: ``550 5.7.1`` naming the attachment (printable, bounded); nothing found: pass. A
+message with more than ``MAX_PARTS`` MIME parts is refused too (``550 5.7.1 message has too
+many MIME parts to check``): no mail program makes that many, and one built to hide an
+attachment beyond what we look at must not pass unchecked. Parsing runs in a worker thread (a
+large message is CPU work): a malformed MIME structure is parsed as leniently as mail programs
+do (``email`` with the compat32 policy).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email
+import email.errors
+import email.header
 import email.policy
 import io
 import re
 import zipfile
+from collections.abc import Callable
 from email.message import Message as MimeMessage
 
 from policy.checks import Context, Result, load_message
@@ -35,7 +43,8 @@ NAME = "attachments"
 # ZIP members looked at, and the largest ZIP part opened (bytes, decoded).
 MAX_MEMBERS = 10000
 MAX_ZIP = 50 * 1024 * 1024
-# Parts looked at per message (a flood of tiny parts costs time, not evidence).
+# MIME parts looked at per message; a message with more is refused (policy: no mail program
+# makes a thousand parts, and one built to hide an attachment past our limit must not pass).
 MAX_PARTS = 1000
 
 
@@ -52,23 +61,44 @@ def _is_zip(part: MimeMessage, filename: str) -> bool:
     )
 
 
+class TooManyParts(Exception):
+    """More MIME parts than MAX_PARTS: not checked to the end."""
+
+
+def _names(part: MimeMessage) -> list[str]:
+    """Every name a mail program might show for the part: Content-Disposition's filename AND
+    Content-Type's name (they may differ, and a program may show either), decoded."""
+    names = []
+    getters: tuple[Callable[[], object], ...] = (
+        part.get_filename,
+        lambda: part.get_param("name"),
+    )
+    for get in getters:
+        try:
+            value = get()
+        except (ValueError, TypeError, LookupError):  # a header too broken to read a name from
+            continue
+        if isinstance(value, tuple):  # an undecodable RFC 2231 value: (charset, lang, text)
+            value = value[2]
+        if value:
+            names.append(_decode_words(str(value)))
+    return names
+
+
 def find_blocked(data: bytes, extensions: tuple[str, ...]) -> tuple[str, str] | None:
-    """(the attachment's name, where) of the first blocked one, or None. Blocking."""
+    """(the attachment's name, where) of the first blocked one, or None. Raises TooManyParts
+    rather than pass a message it could not check to the end. Blocking."""
     message = email.message_from_bytes(data, policy=email.policy.compat32)
     for count, part in enumerate(message.walk()):
         if count >= MAX_PARTS:
-            break
+            raise TooManyParts(f"more than {MAX_PARTS} MIME parts")
         if part.is_multipart():
             continue
-        try:
-            filename = part.get_filename() or part.get_param("name") or ""
-        except (ValueError, TypeError, LookupError):  # a header too broken to read a name from
-            filename = ""
-        if isinstance(filename, tuple):  # an undecodable RFC 2231 value: (charset, lang, text)
-            filename = str(filename[2])
-        filename = str(filename)
-        if filename and blocked_name(filename, extensions):
-            return filename, "attachment"
+        names = _names(part)
+        for name in names:
+            if blocked_name(name, extensions):
+                return name, "attachment"
+        filename = names[0] if names else ""
         if _is_zip(part, filename):
             payload = part.get_payload(decode=True)
             if not isinstance(payload, bytes) or len(payload) > MAX_ZIP:
@@ -82,6 +112,17 @@ def find_blocked(data: bytes, extensions: tuple[str, ...]) -> tuple[str, str] | 
             except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
                 continue  # not readable as a ZIP: ClamAV still scans it
     return None
+
+
+def _decode_words(name: str) -> str:
+    """``=?UTF-8?B?aW52b2ljZS5leGU=?=`` -> ``invoice.exe``; a name that is not valid
+    encoded words stays as it is."""
+    if "=?" not in name:
+        return name
+    try:
+        return str(email.header.make_header(email.header.decode_header(name)))
+    except (ValueError, LookupError, email.errors.HeaderParseError):
+        return name
 
 
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
@@ -99,7 +140,13 @@ async def check(ctx: Context) -> Result:
     except MessageError as e:
         return Result(defer(NAME, str(e)))
     loop = asyncio.get_running_loop()
-    found = await loop.run_in_executor(services.threads, find_blocked, message.data, extensions)
+    try:
+        found = await loop.run_in_executor(services.threads, find_blocked, message.data, extensions)
+    except TooManyParts as e:
+        # A structure no mail program needs, built to hide an attachment past what we check:
+        # refused (on the evidence of the structure itself), not passed unchecked.
+        return Result(Verdict(BLOCKED_ATTACHMENT, "message has too many MIME parts to check",
+                              NAME, str(e)))  # fmt: skip
     if found is None:
         return Result()
     name, where = found

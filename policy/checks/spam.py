@@ -35,12 +35,24 @@ from policy.verdict import SPAM_REJECTED, Verdict, defer
 NAME = "spam"
 
 _SPACES = re.compile(r"\s+")
+# The line under the "pts rule name description" heading of spamd's report, above the rows.
+_TABLE_RULE = re.compile(r"\s*-{3,} -{3,}")
 
 
 def report_header(report: str, limit: int) -> str:
     """spamd's report as one X-Spam-Report field: its rule lines, folded at the line breaks,
-    printable ASCII, at most ``limit`` characters of report."""
-    lines = [_SPACES.sub(" ", line).strip() for line in report.splitlines()]
+    printable ASCII, at most ``limit`` characters of report.
+
+    spamd's REPORT answer is SpamAssassin's body report template: a preamble ("... The original
+    message has been attached ..." - it is not, report_safe 0 - with an unexpanded
+    @@CONTACT_ADDRESS@@), a preview of the message's text, then the table of rules hit. Only the
+    table's rows are kept (the whole answer if it has no table)."""
+    raw = report.splitlines()
+    for i, line in enumerate(raw):
+        if _TABLE_RULE.match(line):
+            raw = raw[i + 1 :]
+            break
+    lines = [_SPACES.sub(" ", line).strip() for line in raw]
     lines = [re.sub(r"[^\x20-\x7e]", "?", line) for line in lines if line]
     text, used = [], 0
     for line in lines:
