@@ -181,6 +181,27 @@ class Settings:
     # The X-Spam-Report header holds at most this many characters of spamd's report.
     spam_report_max: int = 2000
 
+    # --- nightly backups (policy/backup/, docs/backups.md): the seed's metadata keys ---
+    # backup:increments - daily increments after a full set before the next full set.
+    backup_increments: int = 28
+    # backup:retain - how long sets are kept, as `date -d` reads a duration ("8 weeks",
+    # "30 days", "3 months", "1 year"); sets whose full is older are deleted remotely.
+    backup_retain: str = "8 weeks"
+    # backup:openssl_key / backup:openssl_iv - 32 hex digits each (AES-128). Unset: backups do
+    # nothing and say so. The key never appears in argv or a log; keep this file 0600.
+    backup_openssl_key: str = ""
+    backup_openssl_iv: str = ""
+    # backup:bucket - gs://bucket[/prefix] (Google Cloud Storage) or s3://bucket[/prefix].
+    backup_bucket: str = ""
+    # S3-compatible endpoint URL for s3:// (MinIO, Ceph ...); "" = AWS.
+    backup_s3_endpoint: str = ""
+    # Google Cloud Storage endpoint ("" = Google's); tests point it at an emulator.
+    backup_gcs_endpoint: str = ""
+    # boto:gs_oauth2_refresh_token / boto:default_project_id (the seed's boto.cfg values for
+    # gs://); "" = Google's standard credentials (GOOGLE_APPLICATION_CREDENTIALS, metadata).
+    boto_gs_oauth2_refresh_token: str = ""
+    boto_default_project_id: str = ""
+
     @property
     def hostname(self) -> str:
         return (self.primary_hostname or _socket.getfqdn()).lower().rstrip(".")
@@ -309,6 +330,16 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
     for name in ("clamd_socket", "spamd_socket"):
         if len(getattr(s, name).encode()) > 107:
             raise SettingsError(f"{where(name)}: socket path longer than 107 bytes (AF_UNIX limit)")
+    for name in ("backup_openssl_key", "backup_openssl_iv"):
+        value = getattr(s, name)
+        if value and not re.fullmatch(r"[0-9A-Fa-f]{32}", value):
+            raise SettingsError(f"{where(name)}: {name} must be 32 hex digits (128 bits)")
+    if s.backup_increments < 0:
+        raise SettingsError(f"{where('backup_increments')}: backup_increments must be >= 0")
+    if s.backup_bucket and not re.fullmatch(r"(gs|s3)://[a-z0-9][a-z0-9._-]{1,221}(/[^\s]*)?",
+                                            s.backup_bucket):  # fmt: skip
+        raise SettingsError(f"{where('backup_bucket')}: backup_bucket must be gs://bucket or "
+                            "s3://bucket (optionally /prefix)")  # fmt: skip
     # DATA runs DKIM, then the scanners, one after the other: all must fit its deadline.
     needed = s.dkim_timeout + s.clamd_timeout + s.spamd_timeout + 2
     if needed > s.data_deadline:
@@ -349,10 +380,16 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
         raise SettingsError(f"{where('auth_socket')}: auth_socket must differ from socket")
 
 
+# Shown as "(set)" by `config show`: secrets do not belong on a terminal or in a bug report.
+SECRETS = frozenset({"backup_openssl_key", "backup_openssl_iv", "boto_gs_oauth2_refresh_token"})
+
+
 def show(s: Settings) -> str:
     lines = []
     for f in fields(s):
         value = getattr(s, f.name)
+        if f.name in SECRETS and value:
+            value = "(set)"
         if isinstance(value, str):
             lines.append(f'{f.name} = "{value}"')
         elif isinstance(value, bool):
