@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import os
 import re
@@ -191,7 +192,8 @@ class Settings:
     # nothing and say so. The key never appears in argv or a log; keep this file 0600.
     backup_openssl_key: str = ""
     backup_openssl_iv: str = ""
-    # backup:bucket - gs://bucket[/prefix] (Google Cloud Storage) or s3://bucket[/prefix].
+    # backup:bucket - gs://bucket[/prefix] (Google Cloud Storage), s3://bucket[/prefix], or
+    # file:///directory (a mounted disk; the directory must exist).
     backup_bucket: str = ""
     # S3-compatible endpoint URL for s3:// (MinIO, Ceph ...); "" = AWS.
     backup_s3_endpoint: str = ""
@@ -336,10 +338,19 @@ def _validate(s: Settings, where: Callable[[str], str]) -> None:
             raise SettingsError(f"{where(name)}: {name} must be 32 hex digits (128 bits)")
     if s.backup_increments < 0:
         raise SettingsError(f"{where('backup_increments')}: backup_increments must be >= 0")
-    if s.backup_bucket and not re.fullmatch(r"(gs|s3)://[a-z0-9][a-z0-9._-]{1,221}(/[^\s]*)?",
-                                            s.backup_bucket):  # fmt: skip
-        raise SettingsError(f"{where('backup_bucket')}: backup_bucket must be gs://bucket or "
-                            "s3://bucket (optionally /prefix)")  # fmt: skip
+    # The same rules as policy/backup/backends.open_url, found at start rather than at 3 am.
+    bucket_ok = re.fullmatch(r"(gs|s3)://[a-z0-9][a-z0-9._-]{1,221}[a-z0-9](/\S*)?|file:///\S*",
+                             s.backup_bucket)  # fmt: skip
+    if s.backup_bucket and not bucket_ok:
+        raise SettingsError(f"{where('backup_bucket')}: backup_bucket must be gs://bucket, "
+                            "s3://bucket (optionally /prefix) or file:///directory")  # fmt: skip
+    from policy.backup import BackupError
+    from policy.backup.retention import cutoff
+
+    try:
+        cutoff(datetime.date(2000, 1, 1), s.backup_retain)
+    except BackupError as e:
+        raise SettingsError(f"{where('backup_retain')}: {e}") from None
     # DATA runs DKIM, then the scanners, one after the other: all must fit its deadline.
     needed = s.dkim_timeout + s.clamd_timeout + s.spamd_timeout + 2
     if needed > s.data_deadline:

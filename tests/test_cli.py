@@ -1125,6 +1125,15 @@ def test_config_show(tmp_path: Path) -> None:
         "spam_flag_score = 3.5",
         "spam_reject_score = 0.0",
         "spam_report_max = 2000",
+        "backup_increments = 28",
+        'backup_retain = "8 weeks"',
+        'backup_openssl_key = ""',
+        'backup_openssl_iv = ""',
+        'backup_bucket = ""',
+        'backup_s3_endpoint = ""',
+        'backup_gcs_endpoint = ""',
+        'boto_gs_oauth2_refresh_token = ""',
+        'boto_default_project_id = ""',
         '# effective primary_hostname: "mx.example.org"',
     ]
     r = mailpolicy("config", "show")  # /dev/null: every default
@@ -1144,7 +1153,33 @@ BAD_CONFIGS = {
     "not-positive": ("request_deadline = 0\n", "request_deadline must be positive"),
     "too-small": ("alias_max_depth = 0\n", "alias_max_depth must be at least 1"),
     "bad-toml": ("root = [\n", ""),
+    # the seed's backup metadata keys
+    "short-key": ("backup_openssl_key = 'abc123'\n",
+                  "backup_openssl_key must be 32 hex digits (128 bits)"),
+    "bad-bucket": ("backup_bucket = 'ftp://x'\n", "backup_bucket must be gs://bucket"),
+    "bucket-name": ("backup_bucket = 's3://Bad_Bucket-'\n", "backup_bucket must be gs://bucket"),
+    "bad-retain": ("backup_retain = 'forever'\n",
+                   "backup_retain 'forever' is not a duration like '8 weeks'"),
+    "spf-action": ("spf_softfail = 'drop'\n", "spf_softfail must be \"accept\" or \"reject\""),
+    "scan-failure": ("clamav_on_failure = 'ignore'\n",
+                     "clamav_on_failure must be \"defer\" or \"accept\""),
+    "mail-deadline": ("mail_deadline = 10\n", "mail_deadline must be at least spf_timeout"),
 }  # fmt: skip
+
+
+def test_config_backup_secrets_are_not_shown_and_file_buckets_are_fine(tmp_path: Path) -> None:
+    cfg = tmp_path / "backup.toml"
+    cfg.write_text('backup_openssl_key = "00112233445566778899aabbccddeeff"\n'
+                   'backup_openssl_iv = "ffeeddccbbaa99887766554433221100"\n'
+                   'backup_bucket = "file:///mnt/backup-disk/mail"\nbackup_retain = "3 months"\n'
+                   'boto_gs_oauth2_refresh_token = "1//secret-token"\n')  # fmt: skip
+    r = mailpolicy("config", "show", "--config", cfg)
+    assert r.rc == 0, r.err
+    assert 'backup_openssl_key = "(set)"' in r.lines
+    assert 'backup_openssl_iv = "(set)"' in r.lines
+    assert 'boto_gs_oauth2_refresh_token = "(set)"' in r.lines
+    assert 'backup_bucket = "file:///mnt/backup-disk/mail"' in r.lines
+    assert "00112233" not in r.out and "secret-token" not in r.out
 
 
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
