@@ -39,7 +39,11 @@ Behaviour
   ``mail2/...``.
 * ``put``: S3 uses one PutObject up to ``Transfer.part_size``, a multipart upload above (the
   object exists only once CompleteMultipartUpload succeeds; s3transfer aborts the upload on
-  failure). GCS uses one multipart request up to 8 MiB, a resumable session above (the object
+  failure - but when the failure is the network itself, the abort does not reach S3 either:
+  the parts sent so far stay, invisible to ``list`` and ``get`` and billed as storage, until a
+  bucket lifecycle rule "AbortIncompleteMultipartUpload" removes them; set one, e.g. after
+  7 days; tests/test_backup_cloud.py shows such a leftover upload on moto after an interrupted
+  run). GCS uses one multipart request up to 8 MiB, a resumable session above (the object
   exists only when the last chunk is in). Both send a CRC32/CRC32C of the content, so a body
   cut short is refused rather than stored. ``file://`` writes ``<root>/.partial/<random>``,
   fsyncs it and renames it over the key (``.partial`` is never listed nor a valid key part;
