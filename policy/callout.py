@@ -315,18 +315,30 @@ class Callouts:
 
     # --- the interface -------------------------------------------------------------------
 
+    def cached(self, address: str) -> Outcome | None:
+        """The remembered answer for ``address``, if there is one, at once (no await): the
+        daemon answers a MAIL from the caches without starting a task (pipeline.quick)."""
+        local, at, domain = address.rpartition("@")
+        if not at:
+            return None
+        key = f"{local}@{domain.lower().rstrip('.')}"  # as _parse makes it
+        for cache in (self._positive, self._negative):
+            hit = cache.get(key) if cache is not None else None
+            if hit is not None:
+                self.stats.cache_hits += 1
+                return dataclasses.replace(hit, cached=True)
+        return None
+
     async def verify(self, address: str) -> Outcome:
         """Would the sender's mail server take mail for ``address``? See the module docstring
         for the outcomes; never raises but CancelledError (the caller's own deadline)."""
         self.stats.verifies += 1
+        hit = self.cached(address)
+        if hit is not None:
+            return hit
         parsed = _parse(address)
         if isinstance(parsed, str):
             return Outcome("unverifiable", parsed)
-        for cache in (self._positive, self._negative):
-            hit = cache.get(parsed.key) if cache is not None else None
-            if hit is not None:
-                self.stats.cache_hits += 1
-                return dataclasses.replace(hit, cached=True)
         task = self._running.get(parsed.key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._callout(parsed))

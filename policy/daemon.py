@@ -39,7 +39,7 @@ from policy.auth import Authenticator, Outcome, ThrottleSettings
 from policy.checks import Context
 from policy.logbook import Decision, Logbook
 from policy.mailtree import Snapshot, TreeLoader
-from policy.pipeline import ASYNC_STAGES, evaluate, evaluate_async
+from policy.pipeline import ASYNC_STAGES, evaluate, evaluate_async, evaluate_quick
 from policy.services import Services
 from policy.settings import Settings
 from policy.verdict import TEMP_LOCAL, TEMP_OVERLOAD, TEMP_ROUTING_LOOP, Verdict, defer
@@ -99,7 +99,8 @@ class Policy:
                           g("auth", ""), self.snapshot, self.limits,
                           services=self.services)  # fmt: skip
             if verb in ASYNC_STAGES:
-                return Pending(ctx)
+                quick = evaluate_quick(ctx)  # from the caches, without a task, when it can
+                return Pending(ctx) if quick is None else self.record(ctx, quick, started_ns)
             return self.record(ctx, evaluate(ctx), started_ns)
         if verb == "DATA":
             ctx = Context("DATA", f["ip"], f["sender"], "", f.get("helo", ""), f.get("auth", ""),

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policy import settings as settings_mod
 from policy.aliases import Limits
+from policy.callout import Outcome
 from policy.checks import Context, Result
 from policy.mailtree import Snapshot, TreeLoader
-from policy.pipeline import ASYNC_STAGES, STAGES, evaluate, evaluate_async
+from policy.pipeline import ASYNC_STAGES, STAGES, evaluate, evaluate_async, evaluate_quick
+from policy.services import Services
 from policy.verdict import Action, Status, Verdict
 
 PRIMARY = "mail.example.org"
@@ -326,3 +330,53 @@ def test_unreadable_files_never_give_a_5xx(
     assert v.action is not Action.DENY, v
     if v.action is Action.DEFER:
         assert (v.status.code, v.status.enhanced) == (451, "4.3.0")
+
+
+# --- the quick path of async stages (a MAIL answered from the caches, without a task) --------
+
+
+def _services(**overrides: object) -> Services:
+    base = settings_mod.load("/dev/null", {"dns_servers": "127.0.0.1", "dns_port": 9,
+                                           "primary_hostname": PRIMARY})  # fmt: skip
+    return Services.create(replace(base, **overrides))  # type: ignore[arg-type]
+
+
+def test_quick_answers_what_needs_no_waiting_exactly_as_the_async_path(snap: Snapshot) -> None:
+    services = _services(spf_enabled=False)
+    try:
+        remembered = Outcome("refused", "mx[192.0.2.9] RCPT 550 5.1.1 no such user")
+        services.callouts._positive = None  # only the negative cache holds this one
+        assert services.callouts._negative is not None
+        services.callouts._negative["gone@remote.example"] = remembered
+        cases = [
+            ("newsletter@shop.example", "203.0.113.5", ""),  # senderverify_exceptions
+            ("", "203.0.113.5", ""),  # <>
+            ("x@remote.example", "192.0.2.7", ""),  # relay_from_hosts
+            ("x@remote.example", "203.0.113.5", "bob@example.org"),  # authenticated
+            ("gone@Remote.Example", "203.0.113.5", ""),  # a cached refusal
+        ]
+        for sender, ip, auth in cases:
+            c = Context("MAIL", ip, sender, "", "helo.example", auth, snap, Limits(),
+                        services=services)  # fmt: skip
+            quick = evaluate_quick(c)
+            assert quick is not None, sender
+            assert quick == asyncio.run(evaluate_async(c)), sender
+        assert quick.status.code == 550 and "(cached)" in quick.reason
+        # Not cached: it must wait for a callout, so no quick answer (and nothing started).
+        c = Context("MAIL", "203.0.113.5", "new@remote.example", "", "h", "", snap, Limits(),
+                    services=services)  # fmt: skip
+        assert evaluate_quick(c) is None and services.callouts.stats.callouts == 0
+        # SPF on: an outside sender's record must be evaluated, never answered quickly.
+        spf_on = _services()
+        c = Context("MAIL", "203.0.113.5", "newsletter@shop.example", "", "h", "", snap,
+                    Limits(), services=spf_on)  # fmt: skip
+        assert evaluate_quick(c) is None
+        spf_on.close()
+    finally:
+        services.close()
+
+
+def test_quick_is_none_for_a_stage_with_a_check_it_cannot_answer(snap: Snapshot) -> None:
+    c = Context("DATA", "203.0.113.5", "x@remote.example", "", "h", "", snap, Limits(),
+                message_id="1tAbCd-000XyZ-12", rcpt_count=1)  # fmt: skip
+    assert evaluate_quick(c) is None

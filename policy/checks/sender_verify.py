@@ -65,7 +65,10 @@ def exemption(snapshot: Snapshot, sender: str) -> tuple[bool | None, str, str]:
     return False, f"{sender} is not exempt from sender verification", ""
 
 
-async def check(ctx: Context) -> Result:
+def quick(ctx: Context) -> Result | None:
+    """The result without waiting - an exempt or trusted sender, callouts off, or the answer
+    in the callout caches - at once; None when a callout must run (the daemon then answers
+    the stage from a task)."""
     exempt, why, source = exemption(ctx.snapshot, ctx.sender)
     if exempt is None:
         return Result(defer(NAME, why))
@@ -84,8 +87,16 @@ async def check(ctx: Context) -> Result:
         return Result(note=f"not verified: client is {trust_why}", source=trust_source)
     if secondary_mx(ctx.ip, settings.secondary_mx_hosts):
         return Result(note=f"not verified: {ctx.ip} is a secondary MX (secondary_mx_hosts)")
-    outcome = await services.callouts.verify(ctx.sender)
-    return judge(ctx.sender, outcome)
+    hit = services.callouts.cached(ctx.sender)
+    return judge(ctx.sender, hit) if hit is not None else None
+
+
+async def check(ctx: Context) -> Result:
+    answered = quick(ctx)
+    if answered is not None:
+        return answered
+    assert ctx.services is not None  # quick() answered otherwise
+    return judge(ctx.sender, await ctx.services.callouts.verify(ctx.sender))
 
 
 def judge(sender: str, o: Outcome) -> Result:

@@ -94,7 +94,9 @@ def evaluate(
     return result, explanation, q.get_header(result, receiver=receiver)
 
 
-async def check(ctx: Context) -> Result:
+def quick(ctx: Context) -> Result | None:
+    """The result when SPF need not be evaluated (off, a client we relay for, a secondary
+    MX), at once; None when it must be (the daemon then answers the stage from a task)."""
     services = ctx.services
     if services is None:
         return Result(note="not run (no network)")
@@ -108,6 +110,16 @@ async def check(ctx: Context) -> Result:
         return Result(note=f"not checked: {why}", source=source)
     if secondary_mx(ctx.ip, settings.secondary_mx_hosts):
         return Result(note=f"not checked: {ctx.ip} is a secondary MX (secondary_mx_hosts)")
+    return None
+
+
+async def check(ctx: Context) -> Result:
+    answered = quick(ctx)
+    if answered is not None:
+        return answered
+    services = ctx.services
+    assert services is not None  # quick() answered otherwise
+    settings = services.settings
     _install_dns(services.sync_resolver)
     loop = asyncio.get_running_loop()
     try:
