@@ -64,8 +64,9 @@ def reply(sock: socket.socket, pending: bytearray) -> bytes:
         pending += chunk
 
 
-def one_transaction(port: int, rcpt: str) -> None:
-    """One message on one connection; raises unless every reply is the expected one."""
+def one_transaction(port: int, rcpt: str, body: bytes = BODY) -> bytes:
+    """One message on one connection: ``body`` (CRLF line endings, dot-stuffed) after DATA.
+    Returns the reply to its final dot; raises unless every other reply is the expected one."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(30)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -78,7 +79,6 @@ def one_transaction(port: int, rcpt: str) -> None:
             (f"MAIL FROM:<{SENDER}>\r\n".encode(), b"250"),
             (f"RCPT TO:<{rcpt}>\r\n".encode(), b"250"),
             (b"DATA\r\n", b"354"),
-            (BODY + b".\r\n", b"250"),
         ]  # fmt: skip
         for command, code in steps:
             if command:
@@ -86,6 +86,8 @@ def one_transaction(port: int, rcpt: str) -> None:
             text = reply(sock, pending)
             if not text.startswith(code):
                 raise RuntimeError(f"{command[:30]!r} -> {text!r}")
+        sock.sendall(body + b".\r\n")
+        answer = reply(sock, pending)
         # QUIT, then FIN at once: Exim 4.96 holds the 221 back for up to 200 ms waiting for it.
         sock.sendall(b"QUIT\r\n")
         sock.shutdown(socket.SHUT_WR)
@@ -95,6 +97,7 @@ def one_transaction(port: int, rcpt: str) -> None:
         # once the process that served it exits, so the count stays below smtp_accept_max.
         while sock.recv(4096):
             pass
+        return answer
 
 
 def transactions(port: int, count: int, concurrency: int) -> tuple[float, int]:
@@ -102,7 +105,9 @@ def transactions(port: int, count: int, concurrency: int) -> tuple[float, int]:
 
     def one(i: int) -> bool:
         try:
-            one_transaction(port, RCPTS[i % len(RCPTS)])
+            answer = one_transaction(port, RCPTS[i % len(RCPTS)])
+            if not answer.startswith(b"250"):
+                raise RuntimeError(f"end of data -> {answer!r}")
         except (OSError, RuntimeError) as exc:
             print(f"  transaction {i} failed: {exc}", file=sys.stderr, flush=True)
             return False
@@ -165,15 +170,16 @@ class CpuGroup:
                 time.sleep(0.1)
 
 
-def configure_version() -> str:
-    """The last commit of exim/configure, and whether the measured file differs from it."""
+def configure_version(path: str = "exim/configure") -> str:
+    """The last commit of ``path`` (a file or directory of the repository), and whether the
+    measured files differ from it."""
 
     def git(*argv: str) -> str:
         done = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True)
         return done.stdout.strip()
 
-    commit = git("log", "-1", "--format=%h", "--", "exim/configure") or "unknown"
-    dirty = git("status", "--porcelain", "--", "exim/configure")
+    commit = git("log", "-1", "--format=%h", "--", path) or "unknown"
+    dirty = git("status", "--porcelain", "--", path)
     return f"commit {commit}" + (" plus uncommitted changes" if dirty else "")
 
 

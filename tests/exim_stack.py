@@ -212,13 +212,16 @@ def exim_stack(
     certs: bool = False,
     native_template: str | None = None,
     policy_config: dict[str, object] | None = None,
+    configure: str | None = None,
 ) -> Iterator[Stack]:
     """``certs``: make a certificate for each of TLS_NAMES (make_cert) before Exim starts.
     ``native_template``: run this configuration instead of exim/configure (the benchmark's
-    native-lookup baseline), rendered with the same values. ``policy_config``: daemon settings
-    over tests/offline.toml's (the sender-check tests turn the checks on and point the resolver
-    and the callouts at their loopback servers), written to <base>/policy.toml. Exim's MAIL and
-    DATA readsocket timeouts are rendered from the daemon's settings (render.exim_timeouts)."""
+    native-lookup baseline), rendered with the same values. ``configure``: a variant of
+    exim/configure to render in its place (render_exim; the scan benchmark's built-in scanning
+    baseline). ``policy_config``: daemon settings over tests/offline.toml's (the sender-check
+    tests turn the checks on and point the resolver and the callouts at their loopback
+    servers), written to <base>/policy.toml. Exim's MAIL and DATA readsocket timeouts are
+    rendered from the daemon's settings (render.exim_timeouts)."""
     base = Path(tempfile.mkdtemp(prefix="mx.", dir="/tmp"))
     os.chmod(base, 0o755)  # Debian-exim must traverse it
     root = base / "srv"
@@ -253,7 +256,7 @@ def exim_stack(
             data_timeout=timeouts["data_timeout"],
         )  # fmt: skip
         if native_template is None:
-            stack.conf.write_text(render_exim(site))
+            stack.conf.write_text(render_exim(site, configure))
         else:
             stack.conf.write_text(render(native_template, {
                 "ROOT": site.root, "SUBMISSION_PORT": str(site.submission_port),
