@@ -287,6 +287,33 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_provision(args: argparse.Namespace) -> int:
+    from policy.metadata import MetadataError, read
+    from policy.provision import ProvisionError, Target, provision
+
+    try:
+        md = read(args.metadata)
+    except MetadataError as e:
+        print(f"mailpolicy provision: bad metadata in {e.source}, nothing changed:",
+              file=sys.stderr)  # fmt: skip
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    target = Target(
+        root=Path(args.root).resolve(), etc=Path(args.etc).resolve(),
+        run_dir=Path(args.run_dir).resolve(), log_dir=Path(args.log_dir).resolve(),
+        listen=tuple(args.listen or Target.listen), port_offset=args.port_offset,
+        sink_port=args.sink_port, offline=args.offline,
+        clamav_db=Path(args.clamav_db).resolve(),
+    )  # fmt: skip
+    try:
+        provision(md, target, dry_run=args.dry_run)
+    except ProvisionError as e:
+        print(f"mailpolicy provision: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(show(_settings(args)))
     return 0
@@ -479,6 +506,38 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--primary-hostname")
     up.add_argument("--qualify-domain", help="domain for bare local parts (default: hostname)")
     up.set_defaults(func=cmd_up)
+
+    pv = sub.add_parser(
+        "provision",
+        help="configure this machine from its metadata (docs/provisioning.md)",
+        description="Configure the mail server from its metadata: the data tree, the Exim, "
+        "Dovecot, clamd, spamd and daemon configurations, time zone, ssh, cron. Idempotent; "
+        "never overwrites admin data.",
+    )
+    pv.add_argument("--metadata", metavar="FILE",
+                    help="JSON: the VM JSON (customer_metadata) or a flat map (default: "
+                    "mdata-get on SmartOS, else MAILPOLICY_* environment variables)")  # fmt: skip
+    pv.add_argument("--root", default="/srv/mail", help="the mail data tree (default /srv/mail)")
+    pv.add_argument("--etc", default="/etc", help="where configurations go (default /etc)")
+    pv.add_argument("--dry-run", action="store_true", help="show what would change, change nothing")
+    pv.add_argument("--run-dir", default="/run/mailpolicy", help="sockets and pid files")
+    pv.add_argument("--log-dir", default="/var/log/mailpolicy", help="logs of every service")
+    pv.add_argument("--listen", action="append", metavar="ADDR",
+                    help="address to listen on (repeatable; default every address)")  # fmt: skip
+    pv.add_argument("--port-offset", type=int, default=0,
+                    help="added to every standard port (tests; default 0)")  # fmt: skip
+    pv.add_argument(
+        "--sink-port",
+        type=int,
+        metavar="PORT",
+        help="send every non-local message to a loopback SMTP sink on PORT (tests)",
+    )
+    pv.add_argument("--offline", action="store_true",
+                    help="nothing that asks the internet: no SPF, callouts, DKIM lookups, spamd "
+                    "network tests or freshclam (tests)")  # fmt: skip
+    pv.add_argument("--clamav-db", default="/var/lib/clamav", metavar="DIR",
+                    help="clamd's databases (default freshclam's /var/lib/clamav)")  # fmt: skip
+    pv.set_defaults(func=cmd_provision)
 
     b = sub.add_parser("backup", help="encrypted incremental backups (docs/backups.md)")
     bsub = b.add_subparsers(dest="action", required=True)

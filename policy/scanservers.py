@@ -66,44 +66,65 @@ def clamd_conf(
     ``log`` names it."""
     (base / "tmp").mkdir(parents=True, exist_ok=True)
     conf = base / "clamd.conf"
-    conf.write_text(
-        f"LocalSocket {socket_path}\nLocalSocketMode {socket_mode}\nFixStaleSocket yes\n"
-        f"DatabaseDirectory {database}\nTemporaryDirectory {base / 'tmp'}\n"
-        f"PidFile {base / 'clamd.pid'}\nLogFile {log or base / 'clamd.log'}\nLogTime yes\n"
+    log = log or base / "clamd.log"
+    text = clamd_conf_text(socket_path, database, base / "tmp", base / "clamd.pid", log,
+                           stream_max, socket_mode)  # fmt: skip
+    conf.write_text(text)
+    return conf
+
+
+def clamd_conf_text(socket_path: Path, database: Path, tmp: Path, pid: Path, log: Path,
+                    stream_max: str = "25M", socket_mode: str = "660",
+                    user: str = "") -> str:  # fmt: skip
+    """clamd.conf: INSTREAM on ``socket_path`` only (no TCP), in the foreground (a supervisor
+    or the caller watches it), the databases of ``database``; as ``user`` after start-up when
+    one is named (it then needs ``tmp``)."""
+    return (
+        (f"User {user}\n" if user else "")
+        + f"LocalSocket {socket_path}\nLocalSocketMode {socket_mode}\nFixStaleSocket yes\n"
+        f"DatabaseDirectory {database}\nTemporaryDirectory {tmp}\n"
+        f"PidFile {pid}\nLogFile {log}\nLogTime yes\n"
         f"Foreground yes\nStreamMaxLength {stream_max}\nMaxThreads 4\nScanMail yes\n"
         "Bytecode no\n"
     )
-    return conf
 
 
 def clamd_command(conf: Path) -> list[str]:
     return [CLAMD, "-c", str(conf)]
 
 
-def spamd_dirs(base: Path) -> Path:
-    """``<base>/sa/{etc,home,log}``: the plugins' .pre files and SA_LOCAL_CF in etc/ (the site
-    configuration), home/ and log/ owned by spamd's user. Returns ``<base>/sa``."""
+def spamd_dirs(base: Path, local_cf: str = SA_LOCAL_CF) -> Path:
+    """``<base>/sa/{etc,home,log}``: the plugins' .pre files and ``local_cf`` (default
+    SA_LOCAL_CF: no network tests) in etc/ (the site configuration), home/ and log/ owned by
+    spamd's user. Returns ``<base>/sa``."""
     sa = base / "sa"
     for sub in ("etc", "home", "log"):
         (sa / sub).mkdir(parents=True, exist_ok=True)
     for pre in SA_PLUGINS.glob("*.pre"):
         shutil.copy(pre, sa / "etc")
-    (sa / "etc" / "local.cf").write_text(SA_LOCAL_CF)
+    (sa / "etc" / "local.cf").write_text(local_cf)
     for sub in ("home", "log"):
         shutil.chown(sa / sub, SPAMD_USER, SPAMD_USER)
     return sa
 
 
 def spamd_command(
-    base: Path, socket_path: Path, socket_mode: str = "0660", log: Path | None = None
+    base: Path,
+    socket_path: Path,
+    socket_mode: str = "0660",
+    log: Path | None = None,
+    local_only: bool = True,
+    pid: Path | None = None,
 ) -> list[str]:
     """spamd on ``socket_path`` with the site configuration spamd_dirs(base) wrote; its pid
-    file in ``base``, its log there too unless ``log`` names it."""
+    file in ``base`` unless ``pid`` names it, its log there too unless ``log`` names it.
+    ``local_only``: ``-L``, no network tests (tests, ``mailpolicy up``); a provisioned server
+    runs them (DNS blocklists, URIBL)."""
     sa = base / "sa"
     return [SPAMD, f"--siteconfigpath={sa / 'etc'}", f"--configpath={SA_RULES}",
-            "-L", "-x", "-u", SPAMD_USER, "-H", str(sa / "home"),
+            *(["-L"] if local_only else []), "-x", "-u", SPAMD_USER, "-H", str(sa / "home"),
             f"--socketpath={socket_path}", f"--socketmode={socket_mode}",
-            f"--pidfile={base / 'spamd.pid'}", "--max-children=2", "--min-children=1",
+            f"--pidfile={pid or base / 'spamd.pid'}", "--max-children=2", "--min-children=1",
             f"--syslog={log or base / 'spamd.log'}"]  # fmt: skip
 
 

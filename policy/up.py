@@ -81,7 +81,7 @@ class UpError(Exception):
     pass
 
 
-def _traversable_by_others(path: Path) -> Path | None:
+def first_unsearchable(path: Path) -> Path | None:
     """The first directory on the way to ``path`` that Exim's user cannot enter, if any."""
     for parent in [*reversed(path.parents), path]:
         if not os.stat(parent).st_mode & stat.S_IXOTH:
@@ -271,7 +271,7 @@ def up(
     state_path = Path(state).resolve()
     if not root_path.is_dir():
         raise UpError(f"{root_path}: no such directory")
-    blocked = _traversable_by_others(root_path)
+    blocked = first_unsearchable(root_path)
     if blocked is not None:
         raise UpError(f"{blocked} is not searchable by others: Exim ({EXIM_USER}) cannot reach "
                       f"{root_path}; chmod o+x it or use a tree elsewhere")  # fmt: skip
@@ -284,7 +284,7 @@ def up(
     if dovecot is None:
         raise UpError("dovecot is not installed (scripts/setup.sh installs the dovecot packages)")
     auth_program = HOOK if auth_path == "checkpassword" else LUA_SCRIPT
-    blocked = _traversable_by_others(auth_program.parent)
+    blocked = first_unsearchable(auth_program.parent)
     if blocked is not None:
         raise UpError(f"{blocked} is not searchable by others: Dovecot's auth processes (user "
                       f"dovecot) cannot read {auth_program}; chmod o+x it")  # fmt: skip
