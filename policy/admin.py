@@ -45,7 +45,22 @@ def read_lines(path: str) -> list[str]:
         return []
 
 
-def atomic_write(path: str, text: str, new_mode: int) -> None:
+# A new passwd file's group: Exim's router reads the user names (the seed's lsearch) as this
+# user, and 0640 keeps the hashes from everyone else. A set-group-ID directory (as
+# `mailpolicy provision` makes passwd/) gives its own group instead.
+USER_LIST_GROUP = "Debian-exim"
+
+
+def _group_id(name: str) -> int | None:
+    import grp
+
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def atomic_write(path: str, text: str, new_mode: int, new_group: str | None = None) -> None:
     directory, name = os.path.split(path)
     import tempfile  # here: the daemon imports this module through the CLI, never writes
 
@@ -64,6 +79,10 @@ def atomic_write(path: str, text: str, new_mode: int) -> None:
             with contextlib.suppress(PermissionError):
                 os.chown(tmp, st.st_uid, st.st_gid)
         else:
+            dir_setgid = os.stat(directory).st_mode & 0o2000
+            if new_group and not dir_setgid and (gid := _group_id(new_group)) is not None:
+                with contextlib.suppress(PermissionError):  # not root: the admin's own group
+                    os.chown(tmp, -1, gid)
             os.chmod(tmp, new_mode)
         os.replace(tmp, path)
     except BaseException:
@@ -83,6 +102,7 @@ def _edit(
     change: Callable[[list[str]], list[str]],
     validate: Callable[[str, str], Any],
     new_mode: int,
+    new_group: str | None = None,
 ) -> None:
     with locked(path):
         lines = change(read_lines(path))
@@ -91,7 +111,7 @@ def _edit(
             validate(text, rel)
         except ListFileError as e:
             raise AdminError(f"refusing to write an invalid file: {e}") from None
-        atomic_write(path, text, new_mode)
+        atomic_write(path, text, new_mode, new_group)
 
 
 def _address(address: str) -> tuple[str, str]:
@@ -160,7 +180,7 @@ def user_add(root: str, address: str, hash_: str) -> str:
             ]
         return [*lines, f"{user}:{hash_}"]
 
-    _edit(path, f"passwd/{domain}", change, parse_passwd, 0o640)
+    _edit(path, f"passwd/{domain}", change, parse_passwd, 0o640, USER_LIST_GROUP)
     return path
 
 
@@ -178,7 +198,7 @@ def user_passwd(root: str, address: str, hash_: str) -> str:
         lines[i] = ":".join([name, hash_, *extra])
         return lines
 
-    _edit(path, f"passwd/{domain}", change, parse_passwd, 0o640)
+    _edit(path, f"passwd/{domain}", change, parse_passwd, 0o640, USER_LIST_GROUP)
     return path
 
 
@@ -193,7 +213,7 @@ def user_del(root: str, address: str) -> str:
             raise AdminError(f"no user {user}@{domain}")
         return lines[:i] + lines[i + 1 :]
 
-    _edit(path, f"passwd/{domain}", change, parse_passwd, 0o640)
+    _edit(path, f"passwd/{domain}", change, parse_passwd, 0o640, USER_LIST_GROUP)
     return path
 
 

@@ -11,6 +11,7 @@ trouble.
 from __future__ import annotations
 
 import base64
+import grp
 import os
 import re
 import shutil
@@ -641,6 +642,8 @@ def test_user_add_argon2i_and_new_domain(tree: Path) -> None:
     hash_ = text.splitlines()[-1].partition(":")[2]
     assert hash_.startswith("{ARGON2I}$argon2i$v=19$m=65536,t=3,p=1$")
     assert stat.S_IMODE(passwd.stat().st_mode) == 0o640  # a new file of hashes is not public
+    # ... but Exim's router reads its user names: group Debian-exim (root runs the tests).
+    assert grp.getgrgid(passwd.stat().st_gid).gr_name == "Debian-exim"
     r = mailpolicy("check", "--root", tree, *HOST)
     assert r.rc == 0
     assert "new.example" not in r.out  # well-formed, strong hash: nothing to say
