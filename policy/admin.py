@@ -61,35 +61,42 @@ def _group_id(name: str) -> int | None:
 
 
 def atomic_write(path: str, text: str, new_mode: int, new_group: str | None = None) -> None:
-    directory, name = os.path.split(path)
+    """Replace ``path`` with ``text`` (replace_file), keeping the file's mode and owner; a new
+    file gets ``new_mode`` and, unless its directory is set-group-ID, ``new_group``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        gid = None
+        if new_group and not os.stat(os.path.dirname(path) or ".").st_mode & 0o2000:
+            gid = _group_id(new_group)
+        replace_file(path, text, new_mode, gid=-1 if gid is None else gid)
+    else:
+        replace_file(path, text, st.st_mode & 0o7777, st.st_uid, st.st_gid)
+
+
+def replace_file(path: str, text: str, mode: int, uid: int = -1, gid: int = -1) -> None:
+    """Atomically: a temporary file in the same directory gets ``text``, is fsynced, gets its
+    owner (where permitted: not root, an admin keeps their own) and ``mode``, and is renamed
+    over ``path``; then the directory is fsynced. A reader sees the old file or the new one."""
     import tempfile  # here: the daemon imports this module through the CLI, never writes
 
-    try:
-        st: os.stat_result | None = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    directory, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        if st is not None:
-            os.chmod(tmp, st.st_mode & 0o7777)
+        if uid != -1 or gid != -1:
             with contextlib.suppress(PermissionError):
-                os.chown(tmp, st.st_uid, st.st_gid)
-        else:
-            dir_setgid = os.stat(directory).st_mode & 0o2000
-            if new_group and not dir_setgid and (gid := _group_id(new_group)) is not None:
-                with contextlib.suppress(PermissionError):  # not root: the admin's own group
-                    os.chown(tmp, -1, gid)
-            os.chmod(tmp, new_mode)
+                os.chown(tmp, uid, gid)
+        os.chmod(tmp, mode)  # after chown, which may clear set-ID bits
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dfd = os.open(directory, os.O_RDONLY)
+    dfd = os.open(directory or ".", os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:

@@ -92,6 +92,7 @@ from cachetools import TTLCache
 
 from policy import dns as mpdns
 from policy.addresses import is_valid_domain
+from policy.matchers import ip_object
 from policy.settings import Settings
 
 Kind = Literal[
@@ -219,12 +220,9 @@ def interface_addresses() -> frozenset[str]:
 
 def skip_reason(address: str, allow_private: bool, own: frozenset[str]) -> str:
     """Why a callout must not connect to ``address``; "" when it may."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = ip_object(address)
+    if ip is None:
         return "not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
         return "not a unicast address"
     if str(ip) in own:

@@ -17,7 +17,6 @@ mail at all).
 from __future__ import annotations
 
 import enum
-import ipaddress
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -26,6 +25,7 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
+from policy.matchers import ip_object
 from policy.settings import Settings
 
 
@@ -151,10 +151,5 @@ async def addresses(resolver: dns.asyncresolver.Resolver, host: str) -> list[str
 def is_public(address: str) -> bool:
     """A globally routable unicast address (not loopback, private, link-local, multicast,
     reserved, documentation or shared address space)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    ip = ip_object(address)
+    return ip is not None and ip.is_global and not ip.is_multicast

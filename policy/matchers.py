@@ -109,6 +109,19 @@ def parse_address(text: str) -> tuple[int, int] | None:
     return version, value
 
 
+def ip_object(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an ipaddress object, an IPv4-mapped IPv6 address as the IPv4 address it
+    maps (as clients are matched); None when ``text`` is not an address. For the checks that
+    ask what kind of address it is (loopback, private ...); matching uses parse_address."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def parse_network(text: str) -> tuple[int, int, int] | None:
     """(version, prefix length, network as int) of ``addr`` or ``addr/len``; host bits are
     masked, as Exim does. An IPv4-mapped item (``::ffff:192.0.2.0/120``) is the IPv4 network it

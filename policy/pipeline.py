@@ -114,18 +114,21 @@ class _Accept:
 
     def __init__(self) -> None:
         self.decided_by, self.source = "", ""
-        self.notes: list[str] = []
+        self.notes: list[tuple[str, str]] = []  # (check, note)
         self.headers: list[str] = []
 
     def add(self, name: str, result: Result) -> None:
         self.headers.extend(result.headers)
         if result.note:
             self.decided_by, self.source = name, result.source or self.source
-            self.notes.append(f"{name}: {result.note}")
+            self.notes.append((name, result.note))
 
     def verdict(self, ok: Status) -> Verdict:
-        notes = self.notes
-        note = "; ".join(notes) if len(notes) > 1 else (notes[0].split(": ", 1)[1] if notes else "")
+        # One note stands alone; several are told apart by their check's name.
+        if len(self.notes) == 1:
+            note = self.notes[0][1]
+        else:
+            note = "; ".join(f"{name}: {text}" for name, text in self.notes)
         return Verdict(ok, "ok", self.decided_by, note, self.source, tuple(self.headers))
 
 

@@ -39,7 +39,7 @@ freshclam) and ``--clamav-db``.
 
 from __future__ import annotations
 
-import contextlib
+import grp
 import json
 import os
 import pwd
@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from policy import scanservers
+from policy.admin import replace_file
 from policy.metadata import Metadata
 from policy.render import (
     REPO,
@@ -261,22 +262,13 @@ def cron_file(t: Target) -> str:
 
 
 def _write(path: Path, content: str, mode: int, owner: str | None = None) -> None:
-    """Atomically: a temporary file in the same directory, fsynced, renamed over ``path``."""
+    """Atomically (admin.replace_file), the parent directories made first; ``owner`` names the
+    user and group."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        if owner:
-            shutil.chown(tmp, owner, owner)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    uid = gid = -1
+    if owner:
+        uid, gid = pwd.getpwnam(owner).pw_uid, grp.getgrnam(owner).gr_gid
+    replace_file(str(path), content, mode, uid, gid)
 
 
 class Plan:

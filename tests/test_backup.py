@@ -399,7 +399,6 @@ def doc_variables() -> dict[str, str]:
     return dict(re.findall(r"^(KEY|IV|F)=(\S+)", text, re.M))
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
 def test_the_documented_openssl_commands_decrypt_and_authenticate(tmp_path: Path) -> None:
     """The docs' commands, verbatim, on an object a real run made (alice's run 3 of the set of
     2026-05-01, the object the docs name), with the docs' key and IV."""

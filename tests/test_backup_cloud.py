@@ -35,7 +35,6 @@ import datetime
 import io
 import os
 import re
-import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -44,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from policy import cli
 from policy.backup import BackupError, layout, state
@@ -78,9 +76,10 @@ from tests.test_backup_store import (
     CutProxy,
     MiB,
     _gcs_admin,
-    _loopback,
     _s3_admin,
     _start_gcs,
+    _start_s3,
+    guard_loopback,
 )
 
 pytestmark = pytest.mark.integration
@@ -96,45 +95,8 @@ PREFIX = "mail/host1"
 def loopback_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """tests/test_backup_store.py's guard, for the whole module: only loopback is reachable,
     dummy AWS credentials, no credential or config files of the machine's."""
-    nothing = tmp_path_factory.mktemp("no-cloud-config")
-    real_getaddrinfo = socket.getaddrinfo
-    real_connect = socket.socket.connect
-    real_connect_ex = socket.socket.connect_ex
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _loopback(host.decode() if isinstance(host, bytes) else host):
-            raise OSError(f"test guard: lookup of non-loopback host {host!r}")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    def check(sock: socket.socket, address: Any) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _loopback(address[0]):
-            raise OSError(f"test guard: connection to non-loopback {address!r}")
-
-    def connect(sock: socket.socket, address: Any) -> None:
-        check(sock, address)
-        real_connect(sock, address)
-
-    def connect_ex(sock: socket.socket, address: Any) -> int:
-        check(sock, address)
-        return real_connect_ex(sock, address)
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket, "getaddrinfo", getaddrinfo)
-        mp.setattr(socket.socket, "connect", connect)
-        mp.setattr(socket.socket, "connect_ex", connect_ex)
-        for name in list(os.environ):
-            if name.startswith(("AWS_", "GOOGLE_", "CLOUDSDK_", "GCE_")) or name in (
-                "STORAGE_EMULATOR_HOST",
-                "API_ENDPOINT_OVERRIDE",
-            ):
-                mp.delenv(name)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_CONFIG_FILE", str(nothing / "aws-config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nothing / "aws-credentials"))
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("CLOUDSDK_CONFIG", str(nothing / "gcloud"))
+        guard_loopback(mp, tmp_path_factory.mktemp("no-cloud-config"))
         yield
 
 
@@ -148,10 +110,8 @@ def test_the_guard_is_on() -> None:
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    server, endpoint = _start_s3()
+    yield endpoint
     server.stop()
 
 
@@ -310,7 +270,6 @@ def test_list_verify_and_restore_through_the_command_line(
     assert not diff(want, tree_state(to)) and os.listdir(to) == ["domains"]
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
 def test_an_object_from_the_server_decrypts_with_the_documented_openssl_commands(
     built: Built, tmp_path: Path
 ) -> None:

@@ -68,9 +68,10 @@ def _loopback(host: object) -> bool:
         return False
 
 
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No test reaches anything but loopback; dummy credentials, no ~/.aws or gcloud files."""
+def guard_loopback(mp: pytest.MonkeyPatch, nothing: Path) -> None:
+    """Through ``mp``: lookups and connections to anything but loopback raise OSError; dummy
+    AWS credentials; no AWS or gcloud configuration of the machine's (``nothing`` stands in
+    for their files)."""
     real_getaddrinfo = socket.getaddrinfo
     real_connect = socket.socket.connect
     real_connect_ex = socket.socket.connect_ex
@@ -92,34 +93,45 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         check(sock, address)
         return real_connect_ex(sock, address)
 
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    mp.setattr(socket, "getaddrinfo", getaddrinfo)
+    mp.setattr(socket.socket, "connect", connect)
+    mp.setattr(socket.socket, "connect_ex", connect_ex)
 
     for name in list(os.environ):
         if name.startswith(("AWS_", "GOOGLE_", "CLOUDSDK_", "GCE_")) or name in (
             "STORAGE_EMULATOR_HOST",
             "API_ENDPOINT_OVERRIDE",
         ):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+            mp.delenv(name)
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    mp.setenv("AWS_CONFIG_FILE", str(nothing / "no-aws-config"))
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nothing / "no-aws-credentials"))
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    mp.setenv("CLOUDSDK_CONFIG", str(nothing / "no-gcloud"))
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No test reaches anything but loopback; dummy credentials, no ~/.aws or gcloud files."""
+    guard_loopback(monkeypatch, tmp_path)
 
 
 # --- the servers --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
+def _start_s3() -> tuple[Any, str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    return server, f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server, endpoint = _start_s3()
+    yield endpoint
     server.stop()
 
 

@@ -11,8 +11,6 @@ import base64
 import binascii
 import email
 import email.policy
-import io
-import zipfile
 from collections.abc import Callable, Coroutine, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -31,6 +29,8 @@ from policy.services import Services
 from policy.settings import Settings
 from tests.conftest import EXAMPLE, OFFLINE, PRIMARY_HOSTNAME, Daemon
 from tests.scan_stack import EICAR, EICAR_NDB, GTUBE, Clamd, Spamd
+from tests.test_scanners import message as scanners_message
+from tests.test_scanners import zipped
 
 pytestmark = pytest.mark.integration
 
@@ -48,24 +48,13 @@ Check = Callable[[Context], Coroutine[Any, Any, Result]]
 
 def message(body: str = "Hi Alice,\n\nShall we have lunch on Friday at noon?\n\nBob\n",
             attachments: tuple[tuple[str, str, bytes], ...] = ()) -> bytes:  # fmt: skip
-    """A realistic message (FQDN From, Date, Message-ID, Exim's Received on top), CRLF.
-    ``attachments``: (file name, MIME type, content), base64-encoded."""
-    m = EmailMessage()
-    m["Received"] = (
+    """tests/test_scanners.py's realistic message, with the Received line of this client."""
+    received = (
         f"from client.example.net (client.example.net [{CLIENT_IP}]) by mail.example.org with "
         f"esmtps (TLS1.3) (Exim 4.96) (envelope-from <{SENDER}>) id {EXIM_ID} for "
         "alice@example.org; Tue, 01 Dec 2026 10:00:00 +0000"
     )
-    m["From"] = f"Bob Smith <{SENDER}>"
-    m["To"] = "Alice Jones <alice@example.org>"
-    m["Subject"] = "Lunch on Friday"
-    m["Date"] = "Tue, 01 Dec 2026 09:59:58 +0000"
-    m["Message-ID"] = "<20261201095958.4711@client.example.net>"
-    m.set_content(body)
-    for name, mime, content in attachments:
-        maintype, subtype = mime.split("/")
-        m.add_attachment(content, maintype=maintype, subtype=subtype, filename=name)
-    return m.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return scanners_message(body, attachments, received)
 
 
 def raw_mime(*parts: str) -> bytes:
@@ -83,14 +72,6 @@ def part(headers: str, content: bytes = b"MZ\x90\x00 not really a program") -> s
     """A base64 part with the given Content-Type/-Disposition lines."""
     b64 = base64.encodebytes(content).decode("ascii")
     return f"{headers}\nContent-Transfer-Encoding: base64\n\n{b64}"
-
-
-def zipped(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
 
 
 def spool(root: Path, data: bytes, exim_id: str = EXIM_ID) -> Path:

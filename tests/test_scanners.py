@@ -46,12 +46,13 @@ RECEIVED = (
 
 
 def message(body: str = "Hi Alice,\n\nShall we have lunch on Friday at noon?\n\nBob\n",
-            attachments: tuple[tuple[str, str, bytes], ...] = ()) -> bytes:  # fmt: skip
+            attachments: tuple[tuple[str, str, bytes], ...] = (),
+            received: str = RECEIVED) -> bytes:  # fmt: skip
     """A realistic message (FQDN From, Date, Message-ID, Exim's Received on top) as the
     scanners get it: CRLF line endings. ``attachments``: (file name, MIME type, content),
     base64-encoded."""
     m = EmailMessage()
-    m["Received"] = RECEIVED
+    m["Received"] = received
     m["From"] = "Bob Smith <bob@example.net>"
     m["To"] = "Alice Jones <alice@example.org>"
     m["Subject"] = "Lunch on Friday"
